@@ -1,0 +1,3 @@
+from lmprune.cli import main
+
+raise SystemExit(main())

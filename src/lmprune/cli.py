@@ -1,0 +1,121 @@
+"""One CLI: each verb parses its flags and calls a plain function.
+
+User errors (bad config, data, model dir, checkpoint, flags) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from lmprune.errors import UserError
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"lmprune: warning: {message}\n"
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from lmprune.data import prepare_corpus
+
+    if args.vocab_size is not None and args.tokenizer is not None:
+        raise UserError("give --vocab-size (train a BPE) or --tokenizer (use a model's), not both")
+    vocab_size = None if args.tokenizer else (args.vocab_size or 8192)
+    out = prepare_corpus(args.source, Path(args.out), vocab_size=vocab_size, tokenizer=args.tokenizer,
+                         val_fraction=args.val_fraction, seed=args.seed, overwrite=args.overwrite)
+    meta = json.loads((Path(out) / "meta.json").read_text())
+    print(f"prepared {out}: vocab {meta['vocab_size']}, train {meta['train_tokens']:,} tokens, "
+          f"val {meta['val_tokens']:,} tokens ({meta['documents']['train']} + {meta['documents']['val']} documents)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lmprune.config import RunConfig, describe_fields, load_config
+    from lmprune.train import print_result, train
+
+    if args.help_config:
+        print("\n".join(describe_fields(RunConfig)))
+        return 0
+    if args.config is None:
+        raise UserError("train needs a CONFIG.yaml")
+    overrides = list(args.set or [])
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    if args.save_every is not None:
+        overrides.append(f"train.save_every={args.save_every}")
+    cfg = load_config(args.config, overrides)
+    out_dir = Path(args.out or cfg.out_dir or Path("runs") / Path(args.config).stem)
+    result = train(cfg, out_dir, resume=args.resume, quiet=args.quiet)
+    if result.is_main:
+        print_result(result)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lmprune.evaluate import evaluate_model_dir
+
+    if args.max_tokens <= 0:
+        raise UserError(f"--max-tokens must be > 0, got {args.max_tokens}")
+    result = evaluate_model_dir(args.model_dir, args.data, args.max_tokens, batch_size=args.batch_size,
+                                seq_len=args.seq_len, dtype=args.dtype, device=args.device,
+                                progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['model']}: val ppl {result['ppl']:.3f} (loss {result['loss']:.4f}) over "
+              f"{result['tokens']:,} tokens, {result['tok_per_s']:,.0f} tok/s, {result['params']:,} params")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmprune", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("prepare", help="tokenize a corpus into train/val token shards")
+    p.add_argument("--source", required=True, help="shakespeare | gcide | pystdlib | files, dirs, globs, .jsonl")
+    p.add_argument("--out", required=True, help="output dir")
+    p.add_argument("--vocab-size", type=int, default=None, help="train a byte-level BPE of this size (default 8192)")
+    p.add_argument("--tokenizer", default=None, help="use this local HF dir's tokenizer instead")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the document split")
+    p.add_argument("--overwrite", action="store_true", help="replace a dir that holds another corpus")
+    p.set_defaults(func=cmd_prepare)
+
+    p = verbs.add_parser("train", help="train (and prune) a model as a YAML config says")
+    p.add_argument("config", nargs="?", help="CONFIG.yaml")
+    p.add_argument("--out", default=None, help="output dir (default: out_dir of the config, else runs/<name>)")
+    p.add_argument("--steps", type=int, default=None, help="override train.steps")
+    p.add_argument("--save-every", type=int, default=None, help="override train.save_every")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--help-config", action="store_true", help="list every config field with its meaning")
+    p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("eval", help="val perplexity and tokens/s of a HF causal-LM dir")
+    p.add_argument("model_dir")
+    p.add_argument("--data", required=True, help="a prepared dir (lmprune prepare)")
+    p.add_argument("--max-tokens", type=int, default=65536, help="val tokens to score")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=None, help="default: min(model max positions, 512)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"lmprune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmprune: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,108 @@
+"""Model presets, construction of HF `LlamaForCausalLM`s, and loading local HF causal-LM dirs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from lmprune.config import ModelConfig
+from lmprune.errors import UserError
+
+# SwiGLU FFN widths are ~8/3 of the model width, rounded to a multiple of 64.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 256, "intermediate_size": 704, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2},
+    "small": {"hidden_size": 384, "intermediate_size": 1024, "num_layers": 6, "num_heads": 6, "num_kv_heads": 2},
+    "base": {"hidden_size": 512, "intermediate_size": 1408, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4},
+}
+
+# Families whose modules follow Llama's names (mlp.{gate,up,down}_proj, self_attn.{q,k,v,o}_proj).
+LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def llama_config(model_cfg: ModelConfig, vocab_size: int, seq_len: int, eos_token_id: int | None) -> LlamaConfig:
+    """The HF config of a from-scratch model: preset values, then the explicit overrides."""
+    dims = dict(PRESETS[model_cfg.preset or "tiny"])
+    for key in dims:
+        override = getattr(model_cfg, key)
+        if override is not None:
+            dims[key] = override
+    if dims["hidden_size"] % dims["num_heads"]:
+        raise UserError(f"model.hidden_size {dims['hidden_size']} is not divisible by num_heads {dims['num_heads']}")
+    if dims["num_heads"] % dims["num_kv_heads"]:
+        raise UserError(f"model.num_kv_heads {dims['num_kv_heads']} must divide num_heads {dims['num_heads']}")
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=dims["hidden_size"],
+        intermediate_size=dims["intermediate_size"],
+        num_hidden_layers=dims["num_layers"],
+        num_attention_heads=dims["num_heads"],
+        num_key_value_heads=dims["num_kv_heads"],
+        max_position_embeddings=model_cfg.max_position_embeddings or seq_len,
+        rope_theta=model_cfg.rope_theta,
+        tie_word_embeddings=model_cfg.tie_word_embeddings,
+        initializer_range=model_cfg.init_std,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def build_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
+    """A freshly initialised fp32 Llama; the init depends only on `seed` and the config."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.float()
+
+
+def check_model_dir(path: str | Path) -> dict:
+    """Validate a local HF causal-LM dir and return its config dict (UserError when it is not one)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"model dir not found: {path}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path} is not a HF model dir (no config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config_file}: not valid JSON ({exc.msg})") from None
+    if not any((path / name).exists() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise UserError(f"{path} holds no model.safetensors weights")
+    architectures = config.get("architectures") or []
+    if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
+        raise UserError(f"{path} is not a causal LM (architectures: {', '.join(architectures)})")
+    return config
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a local HF causal-LM dir (no remote code, no network)."""
+    check_model_dir(path)
+    try:
+        AutoConfig.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
+    return model
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def generate_sample(model: PreTrainedModel, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
+    """A short sampled continuation of `prompt` (top-k sampling, fixed seed)."""
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    if ids.shape[1] == 0 and tokenizer.eos_token_id is not None:
+        ids = torch.tensor([[tokenizer.eos_token_id]], device=device)
+    limit = model.config.max_position_embeddings - ids.shape[1]
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        out = model.generate(ids, max_new_tokens=max(1, min(max_new_tokens, limit)), do_sample=True,
+                             top_k=40, temperature=0.8, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0], skip_special_tokens=True)

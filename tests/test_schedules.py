@@ -1,0 +1,54 @@
+import math
+
+import pytest
+
+from lmprune.schedules import cubic_fraction, linear_ramp, restarted_warmup_cosine, warmup_cosine
+
+
+def test_warmup_is_linear_to_peak():
+    assert warmup_cosine(0, 1.0, 0.1, 10, 100) == pytest.approx(0.1)
+    assert warmup_cosine(4, 1.0, 0.1, 10, 100) == pytest.approx(0.5)
+    assert warmup_cosine(9, 1.0, 0.1, 10, 100) == pytest.approx(1.0)
+
+
+def test_cosine_reaches_midpoint_and_end():
+    assert warmup_cosine(10, 1.0, 0.1, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(60, 1.0, 0.1, 10, 110) == pytest.approx(0.55)
+    assert warmup_cosine(110, 1.0, 0.1, 10, 110) == pytest.approx(0.1)
+    assert warmup_cosine(500, 1.0, 0.1, 10, 110) == pytest.approx(0.1)
+
+
+def test_cosine_is_monotone_after_warmup():
+    lrs = [warmup_cosine(s, 3e-3, 3e-4, 20, 200) for s in range(20, 200)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_no_warmup():
+    assert warmup_cosine(0, 2.0, 0.0, 0, 10) == pytest.approx(2.0)
+
+
+def test_restarted_schedule_rewarms_once_per_segment():
+    total, starts = 100, [0, 60]
+    lrs = [restarted_warmup_cosine(s, 1.0, 0.0, 10, starts, total) for s in range(total)]
+    assert lrs[:60] == [warmup_cosine(s, 1.0, 0.0, 10, 60) for s in range(60)]
+    assert lrs[60:] == [warmup_cosine(s, 1.0, 0.0, 10, 40) for s in range(40)]
+    rises = [s for s in range(1, total) if lrs[s] > lrs[s - 1] + 1e-12 and s >= 10]
+    assert rises and min(rises) == 60
+    assert restarted_warmup_cosine(30, 1.0, 0.1, 5, [0], 80) == warmup_cosine(30, 1.0, 0.1, 5, 80)
+
+
+def test_cubic_fraction_values():
+    assert cubic_fraction(9, 10, 20, 0.6) == 0.0
+    assert cubic_fraction(10, 10, 20, 0.6) == pytest.approx(0.0)
+    assert cubic_fraction(20, 10, 20, 0.6) == pytest.approx(0.6 - 0.6 * 0.5 ** 3)
+    assert cubic_fraction(30, 10, 20, 0.6) == pytest.approx(0.6)
+    assert cubic_fraction(99, 10, 20, 0.6) == pytest.approx(0.6)
+    values = [cubic_fraction(s, 10, 20, 0.6) for s in range(0, 40)]
+    assert all(a <= b for a, b in zip(values, values[1:]))
+
+
+def test_linear_ramp():
+    assert linear_ramp(0, 10, 10, 1.0, 0.0) == 1.0
+    assert linear_ramp(15, 10, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert linear_ramp(25, 10, 10, 1.0, 0.0) == 0.0
+    assert math.isclose(linear_ramp(12, 10, 0, 1.0, 0.0), 0.0)
