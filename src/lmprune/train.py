@@ -358,7 +358,8 @@ def wrap_ddp(model: torch.nn.Module, info: Dist, device: torch.device) -> torch.
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def print_result(result: TrainResult, stream=sys.stdout) -> None:
+def print_result(result: TrainResult, stream=None) -> None:
+    stream = stream or sys.stdout
     print(f"val loss {result.val_loss:.4f}  val ppl {result.val_ppl:.2f}  "
           f"train {result.train_tok_per_s:,.0f} tok/s  params {result.params:,}  -> {result.final_dir}", file=stream)
     if result.sample:

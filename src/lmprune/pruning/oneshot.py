@@ -1,0 +1,723 @@
+"""One-shot structured pruning of pretrained Llama-family HF causal LMs (DESIGN.md system S5).
+
+Pipeline (`prune_model`): validate the request and plan the widths -> one calibration pass that keeps
+per-channel statistics only (`collect_stats`) -> score FFN neurons / GQA groups / decoder layers with
+one criterion from `FFN_CRITERIA` / `HEAD_CRITERIA` and block importance -> physical surgery
+(`lmprune.pruning.surgery`), giving a smaller dense model that plain `AutoModelForCausalLM` loads.
+
+Choices a caller should know:
+- Ranking is per layer, so every layer keeps the same FFN width and KV-group count (HF configs hold
+  one width). The kept FFN width is rounded to the NEAREST multiple of `round_to` (halves up), never
+  above the original width, and must stay >= `round_to`. Heads are pruned as whole GQA groups (a KV head
+  and its query heads), so head_dim and the query/KV ratio never change; `round_to` does not apply.
+- Depth pruning drops the `drop_layers` layers of lowest block importance 1 - cos(x_in, x_out),
+  ranked once on the unpruned model (ShortGPT style).
+- FLAP bias compensation adds W[:, pruned] @ mean(X[pruned]) to down_proj / o_proj as a bias where the
+  family's config can hold one (Llama: `mlp_bias`, `attention_bias`; Qwen3: `attention_bias`); those
+  flags also give the sibling projections zero biases (counted in the parameter totals). Where the
+  family cannot (Mistral, Qwen2, Qwen3's MLP), compensation is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from lmprune.errors import UserError
+from lmprune.pruning.surgery import (
+    add_output_bias_,
+    attention_shape,
+    count_parameters,
+    decoder_layers,
+    drop_layers_,
+    family_of,
+    kv_group_channels,
+    prune_ffn_,
+    prune_kv_groups_,
+    supports_output_bias,
+)
+
+__all__ = [
+    "CRITERION_NEEDS", "FFN_CRITERIA", "HEAD_CRITERIA", "CalibStats", "ChannelStats", "PrunePlan",
+    "collect_stats", "family_of", "plan_pruning", "prune_model", "solve_for_target_params",
+]
+
+STAT_KINDS = ("activations", "taylor", "blocks")
+# A heads ratio must select whole KV groups; this much slack (in groups) lets "0.33" mean one of three.
+GROUP_RATIO_TOLERANCE = 0.02
+
+
+# ---------------------------------------------------------------- calibration statistics
+
+
+def _accumulator(size: int, device: torch.device) -> torch.Tensor:
+    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    return torch.zeros(size, dtype=dtype, device=device)
+
+
+@dataclass
+class ChannelStats:
+    """Per-input-channel sums at one Linear's input (down_proj or o_proj) over all calibration tokens."""
+
+    sum: torch.Tensor  # [C] sum_t x_tc
+    sq_sum: torch.Tensor  # [C] sum_t x_tc^2
+    seq_mean_sq: torch.Tensor  # [C] sum_b (mean_t |x_btc|)^2  (Minitron: mean over sequence, L2 over batch)
+    tokens: int = 0
+
+    @classmethod
+    def zeros(cls, channels: int, device: torch.device) -> ChannelStats:
+        return cls(*(_accumulator(channels, device) for _ in range(3)))
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float()  # [B, T, C]
+        self.sum += x.sum(dim=(0, 1))
+        self.sq_sum += x.square().sum(dim=(0, 1))
+        self.seq_mean_sq += x.abs().mean(dim=1).square().sum(dim=0)
+        self.tokens += x.shape[0] * x.shape[1]
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.tokens
+
+    def variance(self) -> torch.Tensor:
+        return (self.sq_sum / self.tokens - self.mean().square()).clamp_min(0.0)
+
+    def l2(self) -> torch.Tensor:
+        """||X_c||_2 over all calibration tokens."""
+        return self.sq_sum.sqrt()
+
+    def sequence_activation(self) -> torch.Tensor:
+        """Minitron activation score: |x| averaged over each sequence, then L2 over sequences."""
+        return self.seq_mean_sq.sqrt()
+
+
+@dataclass
+class CalibStats:
+    """Everything the criteria read; sized by channels and layers, never by tokens."""
+
+    ffn_inputs: list[ChannelStats] = field(default_factory=list)  # per layer, down_proj input [inter]
+    attn_inputs: list[ChannelStats] = field(default_factory=list)  # per layer, o_proj input [heads * head_dim]
+    block_dissimilarity: torch.Tensor | None = None  # [L] sum over tokens of 1 - cos(x_in, x_out)
+    block_tokens: int = 0
+    taylor_ffn: list[torch.Tensor] = field(default_factory=list)  # per layer [inter]: sum |w*g| over the neuron
+    taylor_groups: list[torch.Tensor] = field(default_factory=list)  # per layer [num_kv_heads]
+    batches: int = 0
+    tokens: int = 0
+
+    def block_importance(self) -> torch.Tensor:
+        """[L] mean over calibration tokens of 1 - cos(hidden in, hidden out) per decoder layer."""
+        if self.block_dissimilarity is None:
+            raise ValueError("block importance needs collect_stats(..., needs={'blocks'})")
+        return (self.block_dissimilarity / max(self.block_tokens, 1)).cpu()
+
+
+def _empty_stats(model: nn.Module, needs: Collection[str], device: torch.device) -> CalibStats:
+    layers = decoder_layers(model)
+    num_heads, num_kv_heads, head_dim = attention_shape(model)
+    inter = model.config.intermediate_size
+    stats = CalibStats()
+    if "activations" in needs:
+        stats.ffn_inputs = [ChannelStats.zeros(inter, device) for _ in layers]
+        stats.attn_inputs = [ChannelStats.zeros(num_heads * head_dim, device) for _ in layers]
+    if "blocks" in needs:
+        stats.block_dissimilarity = _accumulator(len(layers), device)
+    if "taylor" in needs:
+        stats.taylor_ffn = [_accumulator(inter, device) for _ in layers]
+        stats.taylor_groups = [_accumulator(num_kv_heads, device) for _ in layers]
+    return stats
+
+
+def _register_hooks(model: nn.Module, stats: CalibStats, needs: Collection[str]) -> list[Any]:
+    handles = []
+
+    def channel_hook(accumulator: ChannelStats) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            accumulator.update(args[0])
+
+        return hook
+
+    def block_hook(layer_index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            x_in = args[0] if args else kwargs["hidden_states"]  # [B, T, H]
+            x_out = output[0] if isinstance(output, tuple) else output  # [B, T, H]
+            cos = F.cosine_similarity(x_in.detach().float(), x_out.detach().float(), dim=-1)  # [B, T]
+            stats.block_dissimilarity[layer_index] += (1.0 - cos).sum()
+            if layer_index == 0:
+                stats.block_tokens += cos.numel()
+
+        return hook
+
+    for index, layer in enumerate(decoder_layers(model)):
+        if "activations" in needs:
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(channel_hook(stats.ffn_inputs[index])))
+            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(channel_hook(stats.attn_inputs[index])))
+        if "blocks" in needs:
+            handles.append(layer.register_forward_hook(block_hook(index), with_kwargs=True))
+    return handles
+
+
+def _accumulate_taylor(model: nn.Module, stats: CalibStats) -> None:
+    """Add |w * dL/dw| of this batch, summed over each FFN neuron's and each GQA group's weights."""
+    _, num_kv_heads, _ = attention_shape(model)
+
+    def saliency(linear: nn.Linear) -> torch.Tensor:
+        return (linear.weight.detach().float() * linear.weight.grad.float()).abs()
+
+    for index, layer in enumerate(decoder_layers(model)):
+        mlp, attn = layer.mlp, layer.self_attn
+        neuron = saliency(mlp.gate_proj).sum(1) + saliency(mlp.up_proj).sum(1) + saliency(mlp.down_proj).sum(0)
+        group = (
+            saliency(attn.q_proj).sum(1).view(num_kv_heads, -1).sum(1)  # q rows of the group's heads
+            + saliency(attn.k_proj).sum(1).view(num_kv_heads, -1).sum(1)
+            + saliency(attn.v_proj).sum(1).view(num_kv_heads, -1).sum(1)
+            + saliency(attn.o_proj).sum(0).view(num_kv_heads, -1).sum(1)  # o columns of the group's heads
+        )
+        stats.taylor_ffn[index] += neuron
+        stats.taylor_groups[index] += group
+
+
+def _checked_batch(batch: Any, vocab_size: int) -> torch.Tensor:
+    if not isinstance(batch, torch.Tensor) or batch.dim() != 2 or batch.is_floating_point():
+        shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+        raise UserError(f"calibration batches must be integer token-id tensors [B, T]; got {shape}")
+    if batch.numel() == 0 or int(batch.min()) < 0 or int(batch.max()) >= vocab_size:
+        raise UserError(f"calibration batch holds token ids outside [0, {vocab_size}) (or is empty)")
+    return batch.long()
+
+
+def _prunable_weights(model: nn.Module) -> list[nn.Parameter]:
+    weights = []
+    for layer in decoder_layers(model):
+        mlp, attn = layer.mlp, layer.self_attn
+        for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+            weights.append(linear.weight)
+    return weights
+
+
+def collect_stats(model: nn.Module, calib_batches: Iterable[torch.Tensor], needs: Collection[str]) -> CalibStats:
+    """One pass over `calib_batches` (LongTensor [B, T] each) accumulating per-channel statistics only.
+
+    needs ⊆ {"activations", "taylor", "blocks"}: "activations" = sums at down_proj and o_proj inputs;
+    "taylor" = |w*g| per neuron / GQA group from backward of the LM loss, summed over batches (only
+    the projection weights get gradients; `.grad` is cleared afterwards); "blocks" = 1 - cos of each
+    decoder layer's hidden states in and out. Runs in eval mode and under no_grad unless "taylor";
+    the model's training flag and requires_grad flags are restored.
+    """
+    unknown = set(needs) - set(STAT_KINDS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; choose from {STAT_KINDS}")
+    device = next(model.parameters()).device
+    stats = _empty_stats(model, needs, device)
+    taylor = "taylor" in needs
+    handles = _register_hooks(model, stats, needs)
+    was_training = model.training
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    try:
+        if taylor:
+            for p, _ in grad_flags:
+                p.requires_grad_(False)
+            for weight in _prunable_weights(model):
+                weight.requires_grad_(True)
+        for batch in tqdm(calib_batches, desc="calibration", unit="batch"):
+            batch = _checked_batch(batch, model.config.vocab_size).to(device)
+            if taylor:
+                model.zero_grad(set_to_none=True)
+                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+                _accumulate_taylor(model, stats)
+            else:
+                with torch.no_grad():
+                    model.model(input_ids=batch, use_cache=False)  # decoder only: no [B, T, vocab] logits
+            stats.batches += 1
+            stats.tokens += batch.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+        if taylor:
+            model.zero_grad(set_to_none=True)
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if stats.batches == 0:
+        raise UserError("no calibration batches: the calibration set is empty")
+    return stats
+
+
+# ---------------------------------------------------------------- criteria (higher = more important)
+
+
+def _require(values: Any, criterion: str, kind: str) -> None:
+    if not values:
+        raise ValueError(f"criterion {criterion!r} needs collect_stats(..., needs={{{kind!r}}})")
+
+
+def _weights(layer: nn.Module, *names: str) -> list[torch.Tensor]:
+    """float32 weights of named projections (gate/up/down_proj live in .mlp, q/k/v/o_proj in .self_attn)."""
+    owners = [layer.mlp if name in ("gate_proj", "up_proj", "down_proj") else layer.self_attn for name in names]
+    return [getattr(owner, name).weight.detach().float() for owner, name in zip(owners, names)]
+
+
+def ffn_magnitude(model: nn.Module, stats: CalibStats | None) -> list[torch.Tensor]:
+    """L2 norm over all weights of neuron j: sqrt(||gate[j,:]||^2 + ||up[j,:]||^2 + ||down[:,j]||^2)."""
+    scores = []
+    for layer in decoder_layers(model):
+        gate, up, down = _weights(layer, "gate_proj", "up_proj", "down_proj")
+        scores.append((gate.square().sum(1) + up.square().sum(1) + down.square().sum(0)).sqrt())
+    return [s.double().cpu() for s in scores]
+
+
+def ffn_taylor(model: nn.Module, stats: CalibStats) -> list[torch.Tensor]:
+    """LLM-Pruner: sum of |w * dL/dw| over the neuron's gate row, up row and down column."""
+    _require(stats.taylor_ffn, "taylor", "taylor")
+    return [s.double().cpu() for s in stats.taylor_ffn]
+
+
+def ffn_wanda_sp(model: nn.Module, stats: CalibStats) -> list[torch.Tensor]:
+    """Wanda-sp: mean over down_proj output rows i of |W_ij| * ||X_j||_2 (X = down_proj input)."""
+    _require(stats.ffn_inputs, "wanda-sp", "activations")
+    scores = []
+    for layer, acc in zip(decoder_layers(model), stats.ffn_inputs):
+        (down,) = _weights(layer, "down_proj")
+        scores.append(down.abs().mean(0).double() * acc.l2())
+    return [s.cpu() for s in scores]
+
+
+def ffn_activation(model: nn.Module, stats: CalibStats) -> list[torch.Tensor]:
+    """Minitron: |activation| at the down_proj input, mean over sequence, then L2 over batch."""
+    _require(stats.ffn_inputs, "activation", "activations")
+    return [acc.sequence_activation().double().cpu() for acc in stats.ffn_inputs]
+
+
+def ffn_flap(model: nn.Module, stats: CalibStats) -> list[torch.Tensor]:
+    """FLAP fluctuation: Var(X_j) * ||W_down[:, j]||^2 (X = down_proj input)."""
+    _require(stats.ffn_inputs, "flap", "activations")
+    scores = []
+    for layer, acc in zip(decoder_layers(model), stats.ffn_inputs):
+        (down,) = _weights(layer, "down_proj")
+        scores.append(acc.variance().double() * down.square().sum(0).double())
+    return [s.cpu() for s in scores]
+
+
+def _group_l2(channel_scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[heads * head_dim] o_proj-input channel scores -> [num_kv_heads]: L2 over each group's channels.
+
+    A head's score is the L2 over its channels; a group's is the L2 over its heads' scores, which is
+    the L2 over all its channels (a group's channels are contiguous, see surgery.kv_group_channels).
+    """
+    return channel_scores.view(num_kv_heads, -1).square().sum(1).sqrt()
+
+
+def heads_magnitude(model: nn.Module, stats: CalibStats | None) -> list[torch.Tensor]:
+    """L2 norm over all weights of a GQA group: its q rows, k/v rows and o_proj columns."""
+    _, num_kv_heads, _ = attention_shape(model)
+    scores = []
+    for layer in decoder_layers(model):
+        q, k, v, o = _weights(layer, "q_proj", "k_proj", "v_proj", "o_proj")
+        per_group = sum(rows.view(num_kv_heads, -1).sum(1) for rows in (
+            q.square().sum(1), k.square().sum(1), v.square().sum(1), o.square().sum(0)))
+        scores.append(per_group.sqrt())
+    return [s.double().cpu() for s in scores]
+
+
+def heads_taylor(model: nn.Module, stats: CalibStats) -> list[torch.Tensor]:
+    """LLM-Pruner: sum of |w * dL/dw| over the group's q, k, v rows and o_proj columns."""
+    _require(stats.taylor_groups, "taylor", "taylor")
+    return [s.double().cpu() for s in stats.taylor_groups]
+
+
+def heads_wanda_sp(model: nn.Module, stats: CalibStats) -> list[torch.Tensor]:
+    """Wanda-sp channel scores at the o_proj input (mean_i |W_ij| * ||X_j||_2), L2 over each group."""
+    _require(stats.attn_inputs, "wanda-sp", "activations")
+    _, num_kv_heads, _ = attention_shape(model)
+    scores = []
+    for layer, acc in zip(decoder_layers(model), stats.attn_inputs):
+        (o,) = _weights(layer, "o_proj")
+        scores.append(_group_l2(o.abs().mean(0).double() * acc.l2(), num_kv_heads))
+    return [s.cpu() for s in scores]
+
+
+def heads_activation(model: nn.Module, stats: CalibStats) -> list[torch.Tensor]:
+    """Minitron activation of the o_proj-input channels, L2 over each group."""
+    _require(stats.attn_inputs, "activation", "activations")
+    _, num_kv_heads, _ = attention_shape(model)
+    return [_group_l2(acc.sequence_activation().double(), num_kv_heads).cpu() for acc in stats.attn_inputs]
+
+
+def heads_flap(model: nn.Module, stats: CalibStats) -> list[torch.Tensor]:
+    """FLAP channel scores at the o_proj input (Var(X_j) * ||W_o[:, j]||^2), L2 over each group."""
+    _require(stats.attn_inputs, "flap", "activations")
+    _, num_kv_heads, _ = attention_shape(model)
+    scores = []
+    for layer, acc in zip(decoder_layers(model), stats.attn_inputs):
+        (o,) = _weights(layer, "o_proj")
+        scores.append(_group_l2(acc.variance().double() * o.square().sum(0).double(), num_kv_heads))
+    return [s.cpu() for s in scores]
+
+
+Criterion = Callable[[nn.Module, CalibStats], list[torch.Tensor]]
+FFN_CRITERIA: dict[str, Criterion] = {
+    "magnitude": ffn_magnitude,
+    "taylor": ffn_taylor,
+    "wanda-sp": ffn_wanda_sp,
+    "activation": ffn_activation,
+    "flap": ffn_flap,
+}
+HEAD_CRITERIA: dict[str, Criterion] = {
+    "magnitude": heads_magnitude,
+    "taylor": heads_taylor,
+    "wanda-sp": heads_wanda_sp,
+    "activation": heads_activation,
+    "flap": heads_flap,
+}
+CRITERION_NEEDS: dict[str, frozenset[str]] = {
+    "magnitude": frozenset(),
+    "taylor": frozenset({"taylor"}),
+    "wanda-sp": frozenset({"activations"}),
+    "activation": frozenset({"activations"}),
+    "flap": frozenset({"activations"}),
+}
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """Target shape of a one-shot prune (uniform across layers) and its exact parameter counts."""
+
+    ffn_width_before: int
+    ffn_width: int  # kept FFN neurons per layer
+    kv_groups_before: int
+    kv_groups: int  # kept KV heads (= GQA groups) per layer
+    num_heads: int  # kept query heads per layer
+    head_dim: int
+    num_layers_before: int
+    layers_to_drop: int  # how many; which ones is decided from block importance
+    ffn_bias_compensation: bool  # FLAP compensation will be folded into down_proj biases
+    attn_bias_compensation: bool  # ... into o_proj biases
+    params_before: int
+    params_after: int
+
+    @property
+    def prunes_ffn(self) -> bool:
+        return self.ffn_width < self.ffn_width_before
+
+    @property
+    def prunes_heads(self) -> bool:
+        return self.kv_groups < self.kv_groups_before
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{name} must be a number in [0, 1); got {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise UserError(f"{name} must be in [0, 1); got {value}")
+    return float(value)
+
+
+def _check_count(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise UserError(f"{name} must be an integer {bounds}; got {value!r}")
+    return value
+
+
+def _ffn_width_for_ratio(intermediate: int, ratio: float, round_to: int) -> int:
+    """Kept FFN width: nearest multiple of round_to (halves up) to intermediate * (1 - ratio), <= intermediate."""
+    if ratio == 0.0:
+        return intermediate
+    width = round_to * math.floor(intermediate * (1.0 - ratio) / round_to + 0.5)
+    width = min(width, intermediate // round_to * round_to)
+    if width < round_to:
+        raise UserError(
+            f"ffn_ratio={ratio} leaves {intermediate * (1.0 - ratio):.1f} of {intermediate} FFN neurons per layer, "
+            f"fewer than one multiple of round_to={round_to}"
+        )
+    return width
+
+
+def _kv_groups_for_ratio(num_kv_heads: int, ratio: float) -> int:
+    """Kept GQA groups: the ratio must remove a whole number (>= 1) of groups and keep >= 1."""
+    if ratio == 0.0:
+        return num_kv_heads
+    removed = ratio * num_kv_heads
+    whole = round(removed)
+    if abs(removed - whole) > GROUP_RATIO_TOLERANCE or whole < 1 or whole >= num_kv_heads:
+        valid = ", ".join(f"{k / num_kv_heads:.4g}" for k in range(1, num_kv_heads))
+        raise UserError(
+            f"heads_ratio={ratio} removes {removed:.3g} of {num_kv_heads} KV groups; heads are pruned as whole "
+            f"GQA groups and at least one must stay: valid ratios are 0{', ' + valid if valid else ''}"
+        )
+    return num_kv_heads - whole
+
+
+def _check_pruned_config(model: nn.Module, width: int, kv_groups: int, layers_to_drop: int) -> None:
+    """UserError if the family's config class would refuse the pruned shape (e.g. hidden % heads != 0)."""
+    num_heads, num_kv_heads, head_dim = attention_shape(model)
+    candidate = copy.deepcopy(model.config)
+    candidate.intermediate_size = width
+    candidate.head_dim = head_dim
+    candidate.num_attention_heads = kv_groups * (num_heads // num_kv_heads)
+    candidate.num_key_value_heads = kv_groups
+    candidate.num_hidden_layers = model.config.num_hidden_layers - layers_to_drop
+    if getattr(candidate, "layer_types", None) is not None:
+        candidate.layer_types = candidate.layer_types[: candidate.num_hidden_layers]
+    validate = getattr(candidate, "validate", None)
+    if validate is None:
+        return
+    try:
+        validate()
+    except Exception as error:  # the config classes raise several error types; all mean "not loadable"
+        detail = " ".join(str(error).split())
+        raise UserError(
+            f"the pruned shape ({candidate.num_attention_heads} heads, {kv_groups} KV heads, FFN {width}) "
+            f"is not a valid {type(model.config).__name__}: {detail}"
+        ) from error
+
+
+def _make_plan(model: nn.Module, width: int, kv_groups: int, layers_to_drop: int, compensate_bias: bool) -> PrunePlan:
+    """Exact parameter arithmetic for a uniform prune (all layers have the shape of layer 0)."""
+    layers = decoder_layers(model)
+    layer_sizes = {sum(p.numel() for p in layer.parameters()) for layer in layers}
+    if len(layer_sizes) != 1:
+        raise UserError("decoder layers differ in size; one-shot pruning needs uniform layers")
+    num_heads, num_kv_heads, head_dim = attention_shape(model)
+    heads_per_group = num_heads // num_kv_heads
+    mlp, attn = layers[0].mlp, layers[0].self_attn
+
+    def row_cost(linear: nn.Linear) -> int:  # one output row with its bias entry
+        return linear.in_features + (linear.bias is not None)
+
+    per_neuron = row_cost(mlp.gate_proj) + row_cost(mlp.up_proj) + mlp.down_proj.out_features
+    per_group = heads_per_group * head_dim * (row_cost(attn.q_proj) + attn.o_proj.out_features) + head_dim * (
+        row_cost(attn.k_proj) + row_cost(attn.v_proj)
+    )
+    intermediate = model.config.intermediate_size
+    ffn_comp = compensate_bias and width < intermediate and supports_output_bias(model, "ffn")
+    attn_comp = compensate_bias and kv_groups < num_kv_heads and supports_output_bias(model, "attention")
+    added_per_layer = 0  # biases that switching on mlp_bias / attention_bias creates
+    if ffn_comp and mlp.down_proj.bias is None:
+        added_per_layer += mlp.down_proj.out_features + width * sum(
+            lin.bias is None for lin in (mlp.gate_proj, mlp.up_proj))
+    if attn_comp and attn.o_proj.bias is None:
+        added_per_layer += attn.o_proj.out_features + kv_groups * head_dim * (
+            heads_per_group * (attn.q_proj.bias is None) + (attn.k_proj.bias is None) + (attn.v_proj.bias is None))
+    kept_layers = len(layers) - layers_to_drop
+    params_before = count_parameters(model)
+    removed = layers_to_drop * layer_sizes.pop() + kept_layers * (
+        (intermediate - width) * per_neuron + (num_kv_heads - kv_groups) * per_group
+    )
+    return PrunePlan(
+        ffn_width_before=intermediate, ffn_width=width, kv_groups_before=num_kv_heads, kv_groups=kv_groups,
+        num_heads=kv_groups * heads_per_group, head_dim=head_dim, num_layers_before=len(layers),
+        layers_to_drop=layers_to_drop, ffn_bias_compensation=ffn_comp, attn_bias_compensation=attn_comp,
+        params_before=params_before, params_after=params_before - removed + kept_layers * added_per_layer,
+    )
+
+
+def plan_pruning(
+    model: nn.Module,
+    ffn_ratio: float = 0.0,
+    heads_ratio: float = 0.0,
+    drop_layers: int = 0,
+    round_to: int = 8,
+    compensate_bias: bool = False,
+) -> PrunePlan:
+    """Validate pruning ratios and return the resulting widths and parameter counts (UserError if invalid).
+
+    ffn_ratio / heads_ratio: fraction of FFN neurons / KV groups removed per layer, in [0, 1).
+    compensate_bias: count the biases FLAP compensation adds where the family supports them.
+    """
+    family_of(model)
+    ffn_ratio = _check_fraction("ffn_ratio", ffn_ratio)
+    heads_ratio = _check_fraction("heads_ratio", heads_ratio)
+    round_to = _check_count("round_to", round_to, 1)
+    num_layers = model.config.num_hidden_layers
+    drop_layers = _check_count("drop_layers", drop_layers, 0, num_layers - 1)
+    _, num_kv_heads, _ = attention_shape(model)
+    width = _ffn_width_for_ratio(model.config.intermediate_size, ffn_ratio, round_to)
+    kv_groups = _kv_groups_for_ratio(num_kv_heads, heads_ratio)
+    _check_pruned_config(model, width, kv_groups, drop_layers)
+    return _make_plan(model, width, kv_groups, drop_layers, compensate_bias)
+
+
+def solve_for_target_params(
+    model: nn.Module,
+    target_params: int,
+    heads_ratio: float = 0.0,
+    drop_layers: int = 0,
+    round_to: int = 8,
+    compensate_bias: bool = False,
+) -> PrunePlan:
+    """The plan with the widest FFN (a multiple of round_to, or the full width) whose size is <= target_params.
+
+    Only the FFN width is solved for; heads_ratio and drop_layers are taken as given, so a caller who
+    wants heads or depth pruned too fixes those and lets the FFN absorb the rest of the budget.
+    UserError if the target exceeds the model or even the narrowest FFN (round_to neurons) overshoots it.
+    """
+    base = plan_pruning(model, 0.0, heads_ratio, drop_layers, round_to, compensate_bias)
+    target_params = _check_count("target_params", target_params, 1)
+    if target_params > base.params_before:
+        raise UserError(f"target_params={target_params} is larger than the model ({base.params_before} parameters)")
+    intermediate = base.ffn_width_before
+    widths = [intermediate] + list(range(intermediate // round_to * round_to, 0, -round_to))
+    for width in widths:
+        plan = _make_plan(model, width, base.kv_groups, drop_layers, compensate_bias)
+        if plan.params_after <= target_params:
+            _check_pruned_config(model, width, base.kv_groups, drop_layers)
+            return plan
+    raise UserError(
+        f"target_params={target_params} is unreachable: FFN width {round_to} with heads_ratio={heads_ratio} and "
+        f"drop_layers={drop_layers} still leaves {plan.params_after} parameters; prune heads or layers too"
+    )
+
+
+# ---------------------------------------------------------------- one-shot prune
+
+
+def _top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` highest scores, in ascending index order (stable on ties)."""
+    return torch.argsort(scores, descending=True, stable=True)[:count].sort().values
+
+
+def _flap_biases(
+    model: nn.Module, inputs: list[ChannelStats], kept_channels: list[torch.Tensor], part: str
+) -> list[torch.Tensor]:
+    """Per layer W[:, pruned] @ mean(X[pruned]) ([hidden]): the mean output the pruned channels carried."""
+    biases = []
+    for layer, acc, kept in zip(decoder_layers(model), inputs, kept_channels):
+        linear = layer.mlp.down_proj if part == "ffn" else layer.self_attn.o_proj
+        pruned = torch.ones(linear.in_features, dtype=torch.bool, device=acc.sum.device)
+        pruned[kept.to(pruned.device)] = False
+        weight = linear.weight.detach().to(acc.sum.dtype)  # [hidden, C]
+        biases.append(weight[:, pruned] @ acc.mean()[pruned])
+    return biases
+
+
+@dataclass
+class _Selection:
+    """What one-shot pruning removes, indexed by the ORIGINAL layer numbers (lists empty when unused)."""
+
+    dropped_layers: list[int]
+    ffn_keep: list[torch.Tensor]  # per layer [ffn_width] kept neurons
+    group_keep: list[torch.Tensor]  # per layer [kv_groups] kept GQA groups
+    ffn_bias: list[torch.Tensor]  # per layer [hidden] FLAP compensation for down_proj
+    attn_bias: list[torch.Tensor]  # per layer [hidden] FLAP compensation for o_proj
+
+
+def _select(model: nn.Module, plan: PrunePlan, stats: CalibStats, criterion: str) -> _Selection:
+    """Rank layers, neurons and groups on the unpruned model; compute FLAP biases before any slicing."""
+    dropped = []
+    if plan.layers_to_drop:
+        dropped = sorted(_top_indices(-stats.block_importance(), plan.layers_to_drop).tolist())
+    ffn_keep, group_keep, ffn_bias, attn_bias = [], [], [], []
+    if plan.prunes_ffn:
+        ffn_keep = [_top_indices(s, plan.ffn_width) for s in FFN_CRITERIA[criterion](model, stats)]
+    if plan.prunes_heads:
+        group_keep = [_top_indices(s, plan.kv_groups) for s in HEAD_CRITERIA[criterion](model, stats)]
+    if plan.ffn_bias_compensation:
+        ffn_bias = _flap_biases(model, stats.ffn_inputs, ffn_keep, "ffn")
+    if plan.attn_bias_compensation:
+        group_width = plan.num_heads // plan.kv_groups * plan.head_dim  # o_proj-input channels per group
+        kept_channels = [kv_group_channels(groups, group_width) for groups in group_keep]
+        attn_bias = _flap_biases(model, stats.attn_inputs, kept_channels, "attention")
+    return _Selection(dropped, ffn_keep, group_keep, ffn_bias, attn_bias)
+
+
+def _apply_(model: nn.Module, selection: _Selection) -> None:
+    """Surgery: drop layers first, then slice the survivors with their own (original-index) selections."""
+    kept_layers = [i for i in range(len(decoder_layers(model))) if i not in selection.dropped_layers]
+    drop_layers_(model, selection.dropped_layers)
+    if selection.ffn_keep:
+        prune_ffn_(model, [selection.ffn_keep[i] for i in kept_layers])
+    if selection.ffn_bias:
+        add_output_bias_(model, "ffn", [selection.ffn_bias[i] for i in kept_layers])
+    if selection.group_keep:
+        prune_kv_groups_(model, [selection.group_keep[i] for i in kept_layers])
+    if selection.attn_bias:
+        add_output_bias_(model, "attention", [selection.attn_bias[i] for i in kept_layers])
+
+
+def _warn_skipped_compensation(plan: PrunePlan, family: str) -> None:
+    for part, output, prunes, applied in (
+        ("ffn", "down_proj", plan.prunes_ffn, plan.ffn_bias_compensation),
+        ("attention", "o_proj", plan.prunes_heads, plan.attn_bias_compensation),
+    ):
+        if prunes and not applied:
+            warnings.warn(
+                f"FLAP bias compensation skipped for the {part}: model_type={family!r} has no {output} bias "
+                "option in its config, and adding one would make the checkpoint non-standard",
+                stacklevel=3,
+            )
+
+
+def prune_model(
+    model: nn.Module,
+    calib_batches: Iterable[torch.Tensor] | None,
+    criterion: str,
+    ffn_ratio: float = 0.0,
+    heads_ratio: float = 0.0,
+    drop_layers: int = 0,
+    target_params: int | None = None,
+    round_to: int = 8,
+    bias_compensation: bool = True,
+) -> dict[str, Any]:
+    """Prune `model` in place: FFN neurons, whole GQA groups and/or decoder layers, ranked per layer.
+
+    criterion: a key of FFN_CRITERIA (the same name ranks heads via HEAD_CRITERIA).
+    target_params: instead of ffn_ratio, solve the FFN width for a size <= target (see solve_for_target_params).
+    bias_compensation: FLAP only; fold the pruned channels' mean output into biases where supported.
+    calib_batches: LongTensor [B, T] token ids; may be None when nothing needs calibration (magnitude
+    without depth pruning). Everything is validated before calibration starts.
+    Returns a JSON-serialisable report (params and shapes before/after, dropped layers, criterion).
+    """
+    family = family_of(model)
+    if criterion not in FFN_CRITERIA:
+        raise UserError(f"unknown criterion {criterion!r}; choose from {sorted(FFN_CRITERIA)}")
+    compensate = criterion == "flap" and bias_compensation
+    if target_params is not None:
+        if ffn_ratio != 0.0:
+            raise UserError("give either ffn_ratio or target_params, not both")
+        plan = solve_for_target_params(model, target_params, heads_ratio, drop_layers, round_to, compensate)
+    else:
+        plan = plan_pruning(model, ffn_ratio, heads_ratio, drop_layers, round_to, compensate)
+    needs = set(CRITERION_NEEDS[criterion]) if (plan.prunes_ffn or plan.prunes_heads) else set()
+    if plan.layers_to_drop:
+        needs.add("blocks")
+    if needs and calib_batches is None:
+        raise UserError(f"criterion {criterion!r} / depth pruning needs calibration batches")
+    if compensate:
+        _warn_skipped_compensation(plan, family)
+
+    stats = collect_stats(model, calib_batches, needs) if needs else CalibStats()
+    selection = _select(model, plan, stats, criterion)
+    _apply_(model, selection)
+    heads_per_group = plan.num_heads // plan.kv_groups
+    return {
+        "family": family,
+        "criterion": criterion,
+        "params_before": plan.params_before,
+        "params_after": count_parameters(model),
+        "ffn_width_before": plan.ffn_width_before,
+        "ffn_width_after": plan.ffn_width,
+        "num_heads_before": plan.kv_groups_before * heads_per_group,
+        "num_heads_after": plan.num_heads,
+        "num_kv_heads_before": plan.kv_groups_before,
+        "num_kv_heads_after": plan.kv_groups,
+        "head_dim": plan.head_dim,
+        "num_layers_before": plan.num_layers_before,
+        "num_layers_after": plan.num_layers_before - plan.layers_to_drop,
+        "dropped_layers": selection.dropped_layers,
+        "block_importance": stats.block_importance().tolist() if plan.layers_to_drop else None,
+        "bias_compensation": {"ffn": plan.ffn_bias_compensation, "attention": plan.attn_bias_compensation},
+        "round_to": round_to,
+        "calibration": {"batches": stats.batches, "tokens": stats.tokens},
+    }
