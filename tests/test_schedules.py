@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from lmprune.schedules import cubic_fraction, linear_ramp, restarted_warmup_cosine, warmup_cosine
+from lmprune.schedules import cubic_fraction, linear_ramp, segmented_warmup_cosine, warmup_cosine
 
 
 def test_warmup_is_linear_to_peak():
@@ -27,14 +27,21 @@ def test_no_warmup():
     assert warmup_cosine(0, 2.0, 0.0, 0, 10) == pytest.approx(2.0)
 
 
-def test_restarted_schedule_rewarms_once_per_segment():
-    total, starts = 100, [0, 60]
-    lrs = [restarted_warmup_cosine(s, 1.0, 0.0, 10, starts, total) for s in range(total)]
+def test_segmented_schedule_rewarms_once_per_segment():
+    total = 100
+    lrs = [segmented_warmup_cosine(s, 1.0, 0.0, 10, [(0, 60), (60, 40)]) for s in range(total)]
     assert lrs[:60] == [warmup_cosine(s, 1.0, 0.0, 10, 60) for s in range(60)]
     assert lrs[60:] == [warmup_cosine(s, 1.0, 0.0, 10, 40) for s in range(40)]
-    rises = [s for s in range(1, total) if lrs[s] > lrs[s - 1] + 1e-12 and s >= 10]
+    rises = [s for s in range(10, total) if lrs[s] > lrs[s - 1] + 1e-12]
     assert rises and min(rises) == 60
-    assert restarted_warmup_cosine(30, 1.0, 0.1, 5, [0], 80) == warmup_cosine(30, 1.0, 0.1, 5, 80)
+    assert segmented_warmup_cosine(30, 1.0, 0.1, 5, [(0, 80)]) == warmup_cosine(30, 1.0, 0.1, 5, 80)
+
+
+def test_segment_may_continue_a_longer_schedule():
+    # oneshot-restarted: the first phase follows the full-run schedule, cut at step 50
+    lrs = [segmented_warmup_cosine(s, 1.0, 0.0, 5, [(0, 100), (50, 50)]) for s in range(100)]
+    assert lrs[49] == warmup_cosine(49, 1.0, 0.0, 5, 100) and lrs[49] > 0.4
+    assert lrs[50] == warmup_cosine(0, 1.0, 0.0, 5, 50)
 
 
 def test_cubic_fraction_values():

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from lmprune.errors import UserError
+from lmprune.pruning.structured import FFNPruneConfig
 
 
 class Section(BaseModel):
@@ -152,8 +153,103 @@ class TrainConfig(Section):
         return self
 
 
+class PipelineConfig(Section):
+    """Enlarge-and-prune pipelines at one token budget (the `model` section describes the TARGET model)."""
+
+    name: Literal["scratch", "idea", "naive", "oneshot"] = "idea"
+    """scratch: the target model, one schedule; idea: enlarged model, one warmup+cosine, iterative pruning,
+    recovery; naive: enlarged model with its own schedule to prune_start, one-shot prune, a new warmup+cosine;
+    oneshot: one-shot prune at prune_start, then the resumed (or restarted) schedule."""
+    enlarge: float = 2.6
+    """FFN width of the enlarged model = target width x enlarge (rounded up to round_to)."""
+    round_to: int = 8
+    """Widths are multiples of this."""
+    prune_start: float = 0.5
+    """t_w: where pruning starts, as a fraction of train.steps."""
+    prune_span: float = 0.25
+    """t_p: length of the iterative pruning window (idea), as a fraction of train.steps."""
+    prune_every: int = 5
+    """Steps between mask updates inside the window (idea)."""
+    oneshot_schedule: Literal["resumed", "restarted"] = "resumed"
+    """oneshot: keep the run's schedule after pruning (resumed) or start a new warmup+cosine (restarted)."""
+    importance: Literal["sensitivity", "magnitude", "random"] = "sensitivity"
+    """Neuron score: EMA of |w * grad|, |w|, or seeded random."""
+    ema: float = 0.5
+    """EMA coefficient lambda of the sensitivity."""
+    f1: Literal["mean", "sum", "max", "l2"] = "mean"
+    """Reduction within a neuron's slice of one matrix."""
+    f2: Literal["mean", "sum", "max", "l2"] = "max"
+    """Reduction across the neuron's three matrices."""
+    uncertainty: bool = False
+    """Multiply by the PLATON uncertainty term (per-weight buffers)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "PipelineConfig":
+        if self.enlarge <= 1.0:
+            raise ValueError(f"pipeline.enlarge must be > 1, got {self.enlarge}")
+        if not 0.0 < self.prune_start < 1.0:
+            raise ValueError(f"pipeline.prune_start must be in (0, 1) of the run, got {self.prune_start}")
+        if not 0.0 <= self.prune_span < 1.0 or self.prune_start + self.prune_span >= 1.0:
+            raise ValueError(f"pipeline pruning window [{self.prune_start}, {self.prune_start + self.prune_span}]"
+                             " must end inside the run (< 1)")
+        if self.round_to < 1 or self.prune_every < 1:
+            raise ValueError("pipeline.round_to and pipeline.prune_every must be >= 1")
+        return self
+
+
+class KDConfig(Section):
+    """Knowledge distillation: loss = (1 - a) * CE + a * T^2 * KL(p_teacher^T || p_student^T)."""
+
+    alpha: float = 0.5
+    """Weight a of the KD term, in [0, 1]."""
+    alpha_end: float | None = None
+    """If set, a moves linearly from alpha to alpha_end over the KD phase."""
+    temperature: float = 2.0
+    """Softmax temperature T of teacher and student."""
+    teacher: str | None = None
+    """A local HF dir of the teacher; None = the frozen enlarged model at prune start (pipelines)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "KDConfig":
+        for name in ("alpha", "alpha_end"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"kd.{name} must be in [0, 1], got {value}")
+        if self.temperature <= 0:
+            raise ValueError(f"kd.temperature must be > 0, got {self.temperature}")
+        return self
+
+
+class CompareConfig(Section):
+    """`lmprune compare`: several runs of one config side by side at the same token budget."""
+
+    runs: dict[str, dict[str, Any]] = {"scratch": {"pipeline.name": "scratch"}, "idea": {"pipeline.name": "idea"},
+                                       "naive": {"pipeline.name": "naive"},
+                                       "oneshot": {"pipeline.name": "oneshot"}}
+    """Run name -> `section.key: value` overrides of this config (same data order and seed for all)."""
+    scratch_equal_compute: bool = True
+    """Also train the target model from scratch for the training FLOPs of `compute_reference`."""
+    compute_reference: str = "idea"
+    """The run whose training FLOPs the equal-compute scratch run matches."""
+    infer_batch_size: int = 8
+    """Batch of the inference-throughput measurement."""
+    infer_seq_len: int = 256
+    """Sequence length of the inference-throughput measurement."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "CompareConfig":
+        if not self.runs:
+            raise ValueError("compare.runs is empty")
+        for name in self.runs:
+            if not name.replace("-", "_").isidentifier():
+                raise ValueError(f"compare run name {name!r} must be a plain name (letters, digits, _ and -)")
+        if self.scratch_equal_compute and self.compute_reference not in self.runs:
+            raise ValueError(f"compare.compute_reference {self.compute_reference!r} is not one of the runs")
+        return self
+
+
 class RunConfig(Section):
-    """A training run: data, model, optimisation."""
+    """A training run: data, model, optimisation, and optionally pruning, distillation, comparison."""
 
     data: DataConfig = DataConfig()
     """The corpus and tokenizer."""
@@ -161,8 +257,24 @@ class RunConfig(Section):
     """The model to train."""
     train: TrainConfig = TrainConfig()
     """The optimisation loop."""
+    pipeline: PipelineConfig | None = None
+    """Enlarge-and-prune pipeline (IDEA Prune and its baselines); None = train the model as given."""
+    prune: FFNPruneConfig | None = None
+    """Structured FFN pruning with explicit steps (set by `pipeline` when that is given)."""
+    kd: KDConfig | None = None
+    """Knowledge distillation."""
+    compare: CompareConfig | None = None
+    """Runs of `lmprune compare`."""
     out_dir: str | None = None
     """Where the run writes (overridden by --out); default runs/<config name>."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.pipeline is not None and self.prune is not None:
+            raise ValueError("give `pipeline` (which sets up pruning) or `prune`, not both")
+        if self.pipeline is not None and self.pipeline.name != "scratch" and self.model.path:
+            raise ValueError("pipelines enlarge a preset model; model.path cannot be enlarged")
+        return self
 
 
 def _one_line(err: ValidationError, source: str) -> str:

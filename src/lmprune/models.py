@@ -89,6 +89,19 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTr
     return model
 
 
+def forward_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Forward FLOPs per token (Kaplan et al.): 2 x matmul weights + 2 x n_layer x n_ctx x d_attn.
+
+    Every nn.Linear counts (attention, FFN, LM head); a masked-but-not-yet-compacted neuron still
+    costs its FLOPs, which is the honest cost of pruning during training.
+    """
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = config.num_hidden_layers * seq_len * config.num_attention_heads * head_dim
+    return 2.0 * matmul + 2.0 * attention
+
+
 def count_params(model: torch.nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())

@@ -19,20 +19,18 @@ def warmup_cosine(step: int, peak: float, end: float, warmup: int, total: int) -
     return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def restarted_warmup_cosine(step: int, peak: float, end: float, warmup: int,
-                            segment_starts: list[int], total: int) -> float:
-    """Warmup+cosine that starts over at every step in `segment_starts` (the naive pipeline).
+def segmented_warmup_cosine(step: int, peak: float, end: float, warmup: int,
+                            segments: list[tuple[int, int]]) -> float:
+    """A warmup+cosine that starts over at each segment (the naive / restarted pipelines).
 
-    Segment k runs from segment_starts[k] to the next start (or `total`), with its own warmup.
-    With segment_starts == [0] this is `warmup_cosine`.
+    `segments` are (start_step, length) pairs sorted by start, the first starting at 0; the segment
+    that covers `step` is the last one whose start is <= step, and runs its own warmup+cosine over
+    `length` steps. One segment (0, total) is the plain `warmup_cosine`: the IDEA schedule.
     """
-    starts = sorted(segment_starts)
-    if not starts or starts[0] != 0:
-        raise ValueError("segment_starts must begin with 0")
-    begin = max(s for s in starts if s <= step)
-    later = [s for s in starts if s > begin]
-    stop = later[0] if later else total
-    return warmup_cosine(step - begin, peak, end, min(warmup, stop - begin), stop - begin)
+    if not segments or segments[0][0] != 0:
+        raise ValueError("segments must start at step 0")
+    start, length = max((s for s in segments if s[0] <= step), key=lambda s: s[0])
+    return warmup_cosine(step - start, peak, end, min(warmup, length), length)
 
 
 def cubic_fraction(step: int, start: int, span: int, final: float) -> float:

@@ -31,9 +31,12 @@ from lmprune.config import RunConfig
 from lmprune.data import PreparedData, TokenLoader, ensure_prepared
 from lmprune.errors import UserError
 from lmprune.evaluate import evaluate_loss
-from lmprune.models import build_model, count_params, generate_sample, llama_config, load_hf_model
+from lmprune.distill import Distiller
+from lmprune.models import (build_model, count_params, forward_flops_per_token, generate_sample, llama_config,
+                            load_hf_model)
 from lmprune.optim import build_optimizer, set_lr
-from lmprune.schedules import warmup_cosine
+from lmprune.pipelines import Plan, resolve_plan
+from lmprune.pruning.structured import FFNPruner
 
 # Config fields that may differ between a run and its resumption (they change no numbers).
 RESUME_FREE_KEYS = {("train", "save_every"), ("train", "log_every"), ("train", "eval_every"),
@@ -135,8 +138,8 @@ def prepare_data(cfg: RunConfig, info: Dist) -> PreparedData:
     return PreparedData.open(path)
 
 
-def make_model(cfg: RunConfig, data: PreparedData, resume_from: Path | None) -> torch.nn.Module:
-    """The model to train: from a checkpoint's HF config, a local HF dir, or a preset."""
+def make_model(cfg: RunConfig, plan: Plan, data: PreparedData, resume_from: Path | None) -> torch.nn.Module:
+    """The model to train: from a checkpoint's HF config, a local HF dir, or a preset (at the plan's width)."""
     if resume_from is not None:
         # The checkpoint's own HF config: after compaction the shapes differ from the config's.
         saved = dict(ckpt.load_checkpoint_meta(resume_from)["model_config"])
@@ -146,7 +149,8 @@ def make_model(cfg: RunConfig, data: PreparedData, resume_from: Path | None) -> 
     if cfg.model.path:
         model = load_hf_model(cfg.model.path).float()
     else:
-        model = build_model(llama_config(cfg.model, data.vocab_size, cfg.train.seq_len, data.eos_token_id),
+        model_cfg = cfg.model.model_copy(update={"intermediate_size": plan.initial_width})
+        model = build_model(llama_config(model_cfg, data.vocab_size, cfg.train.seq_len, data.eos_token_id),
                             cfg.train.seed)
     if data.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer vocab ({data.vocab_size}) is larger than the model's vocab "
@@ -192,15 +196,47 @@ def export_final(model: torch.nn.Module, data: PreparedData, final_dir: Path) ->
     os.replace(tmp, final_dir)
 
 
+def make_hook(plan: Plan, tcfg) -> TrainingHook | None:
+    if plan.prune is None:
+        return None
+    return FFNPruner(plan.prune, make_optimizer=lambda model: build_optimizer(model, tcfg))
+
+
+def make_distiller(cfg: RunConfig, plan: Plan, out_dir: Path, start_step: int, device: torch.device,
+                   model: torch.nn.Module) -> Distiller | None:
+    """The KD teacher: a HF dir, or (on resume past prune start) the snapshot saved at prune start."""
+    if plan.kd_start is None:
+        return None
+    distiller = Distiller(cfg.kd, plan.kd_start, cfg.train.steps, cfg.train.dtype)
+    if cfg.kd.teacher is not None:
+        distiller.load_teacher(cfg.kd.teacher, device)
+        if distiller.teacher.config.vocab_size < model.config.vocab_size:
+            raise UserError(f"kd.teacher vocab ({distiller.teacher.config.vocab_size}) is smaller than the "
+                            f"student's ({model.config.vocab_size})")
+    elif start_step > plan.kd_start:
+        saved = out_dir / "teacher"
+        if not saved.is_dir():
+            raise UserError(f"{saved} is missing: the teacher snapshot of this run cannot be restored")
+        distiller.load_teacher(saved, device)
+    return distiller
+
+
 def train(cfg: RunConfig, out_dir: Path, resume: bool = False, hook: TrainingHook | None = None,
-          distiller: Any = None, quiet: bool = False) -> TrainResult:
-    """Run (or resume) training as configured; returns the final evaluation."""
+          quiet: bool = False) -> TrainResult:
+    """Run (or resume) training as configured; returns the final evaluation.
+
+    `hook` injects a training-time method (e.g. a pruner) in place of the one the config implies.
+    """
     tcfg = cfg.train
     run_config = cfg.model_dump(mode="json")
     info, device = init_distributed(tcfg.device)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     check_out_dir(out_dir, run_config, resume)
+    plan = resolve_plan(cfg)
+    if hook is not None and plan.prune is not None:
+        raise UserError("the config already prunes (pipeline/prune); no second training hook can be added")
+    hook = hook or make_hook(plan, tcfg)
     ckpt_root = out_dir / "checkpoints"
     resume_from = ckpt.latest_checkpoint(ckpt_root) if resume else None
     if resume and resume_from is None and any(ckpt_root.glob("step-*")):
@@ -210,10 +246,10 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, hook: TrainingHoo
 
     # ---- everything that can fail on user input happens before the first step --------------
     data = prepare_data(cfg, info)
-    model = make_model(cfg, data, resume_from).to(device)
+    model = make_model(cfg, plan, data, resume_from).to(device)
     loader = TokenLoader(data.train, tcfg.batch_size, tcfg.seq_len, tcfg.seed, info.rank, info.world_size)
     optimizer = build_optimizer(model, tcfg)
-    start_step, tokens_seen = 0, 0
+    start_step, tokens_seen, train_flops = 0, 0, 0.0
     if hook is not None:
         hook.apply(model)
     if resume_from is not None:
@@ -224,7 +260,8 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, hook: TrainingHoo
         if hook is not None and hook_state is not None:
             hook.load_state_dict(hook_state)
         loader.load_state_dict(state["loader"])
-        start_step, tokens_seen = state["step"], state["tokens"]
+        start_step, tokens_seen, train_flops = state["step"], state["tokens"], state["train_flops"]
+    distiller = make_distiller(cfg, plan, out_dir, start_step, device, model)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(out_dir / "run_config.json", run_config)
@@ -238,14 +275,18 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, hook: TrainingHoo
     metrics = MetricsLog(out_dir / "metrics.jsonl", info.is_main, start_step)
     progress = tqdm(total=tcfg.steps, initial=start_step, disable=quiet or not info.is_main,
                     desc="train", unit="step", dynamic_ncols=True)
-    lr_at = lambda s: warmup_cosine(s, tcfg.lr, tcfg.lr_end, tcfg.warmup, tcfg.steps)  # noqa: E731
     tok_per_s_sum, timed_steps = 0.0, 0
+    step_flops = step_flops_of(raw_model, distiller, tcfg.seq_len, tokens_per_step)
 
     for step in range(start_step, tcfg.steps):
         t0 = time.perf_counter()
-        lr = lr_at(step)
+        lr = plan.lr_at(step, tcfg.lr, tcfg.lr_end, tcfg.warmup)
         set_lr(optimizer, lr)
         model.train()
+        if distiller is not None and distiller.teacher is None and step == plan.kd_start:
+            # KD teacher = the enlarged model as it is when pruning starts
+            distiller.snapshot_teacher(raw_model, out_dir / "teacher" if info.is_main else None)
+            step_flops = step_flops_of(raw_model, distiller, tcfg.seq_len, tokens_per_step)
 
         # ---- single training step: forward/backward over the micro-batches ----------------
         loss_sum = torch.zeros((), device=device)
@@ -265,13 +306,15 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, hook: TrainingHoo
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tcfg.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        tokens_seen += tokens_per_step
+        train_flops += step_flops
         if hook is not None:
             new_optimizer = hook.after_optimizer_step(raw_model, optimizer, step)
             if new_optimizer is not optimizer:  # compaction rebuilt the parameters: re-wrap
                 optimizer = new_optimizer
                 model = wrap_ddp(raw_model, info, device)
                 forward = torch.compile(model) if tcfg.compile else model
-        tokens_seen += tokens_per_step
+                step_flops = step_flops_of(raw_model, distiller, tcfg.seq_len, tokens_per_step)
         train_loss = (loss_sum / tcfg.grad_accum).item()  # the .item() syncs, so the timing is honest
         step_seconds = time.perf_counter() - t0
         if step > start_step:  # the first step carries warm-up costs
@@ -287,6 +330,8 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, hook: TrainingHoo
                    "grad_norm": round(float(grad_norm), 6), "tok_per_s": round(tokens_per_step / step_seconds, 1)}
             if hook is not None:
                 row.update(hook.metrics())
+            if distiller is not None:
+                row.update(distiller.metrics(step))
         if (tcfg.eval_every and done % tcfg.eval_every == 0) or done == tcfg.steps:
             val_loss, _, _ = evaluate_loss(raw_model, data.val, tcfg.batch_size, tcfg.seq_len, tcfg.eval_tokens,
                                            device, tcfg.dtype, info.rank, info.world_size)
@@ -298,7 +343,9 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, hook: TrainingHoo
         progress.update(1)
         progress.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
         if (tcfg.save_every and done % tcfg.save_every == 0) or done == tcfg.steps:
-            save(ckpt_root, done, raw_model, optimizer, loader, tokens_seen, run_config, hook, tcfg.keep_last, info)
+            trainer_state = {"step": done, "tokens": tokens_seen, "train_flops": train_flops,
+                             "loader": loader.state_dict(), "world_size": info.world_size}
+            save(ckpt_root, done, raw_model, optimizer, trainer_state, run_config, hook, tcfg.keep_last, info)
     progress.close()
 
     # ---- final evaluation and export ------------------------------------------------------
@@ -318,19 +365,25 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, hook: TrainingHoo
             prompt = data.load_tokenizer().decode(data.val[:8].tolist())
             result.sample = generate_sample(raw_model.eval(), data.load_tokenizer(), prompt, tcfg.sample_tokens)
         summary = {"val_loss": val_loss, "val_ppl": result.val_ppl, "train_tok_per_s": result.train_tok_per_s,
-                   "params": result.params, "steps": tcfg.steps, "tokens": tokens_seen,
+                   "params": result.params, "ffn_width": raw_model.config.intermediate_size,
+                   "steps": tcfg.steps, "tokens": tokens_seen, "train_flops": train_flops,
                    "rank_fingerprints": fingerprints}
         ckpt.write_json(out_dir / "summary.json", summary)
     info.barrier()
     return result
 
 
+def step_flops_of(model: torch.nn.Module, distiller: Distiller | None, seq_len: int, tokens: int) -> float:
+    """Training FLOPs of one step: 3x the student's forward, plus the teacher's forward under KD."""
+    flops = 3 * forward_flops_per_token(model, seq_len)
+    if distiller is not None and distiller.teacher is not None:
+        flops += forward_flops_per_token(distiller.teacher, seq_len)
+    return flops * tokens
+
+
 def save(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         loader: TokenLoader, tokens_seen: int, run_config: dict, hook: TrainingHook | None,
-         keep_last: int, info: Dist) -> None:
+         trainer_state: dict, run_config: dict, hook: TrainingHook | None, keep_last: int, info: Dist) -> None:
     if info.is_main:
-        trainer_state = {"step": step, "tokens": tokens_seen, "loader": loader.state_dict(),
-                         "world_size": info.world_size}
         ckpt.save_checkpoint(ckpt_root, step, model, optimizer, trainer_state, run_config,
                              hook.state_dict() if hook is not None else None, keep_last)
     info.barrier()
