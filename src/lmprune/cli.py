@@ -54,6 +54,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lmprune.compare import run_compare
+    from lmprune.report import format_flops
+
+    summary = run_compare(args.config, Path(args.out), overrides=args.set, quiet=args.quiet)
+    print(f"{'run':24s} {'val ppl':>9s} {'params':>11s} {'ffn':>5s} {'tokens':>11s} {'FLOPs':>10s} {'infer tok/s':>11s}")
+    for name, r in summary["pipelines"].items():
+        print(f"{name:24s} {r['val_ppl']:9.3f} {r['params']:11,d} {r['ffn_width']:5d} {r['train_tokens']:11,d} "
+              f"{format_flops(r['train_flops']):>10s} {r['infer_tok_per_s']:11,.0f}")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from lmprune.evaluate import evaluate_model_dir
 
@@ -94,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--help-config", action="store_true", help="list every config field with its meaning")
     p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("compare", help="run the pipelines of a config side by side and write a report")
+    p.add_argument("config", help="CONFIG.yaml (with a compare section, or the default four pipelines)")
+    p.add_argument("--out", required=True, help="output dir (one sub-dir per run; rerun to resume)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
 
     p = verbs.add_parser("eval", help="val perplexity and tokens/s of a HF causal-LM dir")
     p.add_argument("model_dir")

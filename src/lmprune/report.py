@@ -42,3 +42,72 @@ def plot_training(metrics_path: Path, png_path: Path) -> Path | None:
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path
+
+
+def plot_compare(out_dir: Path, names: list[str]) -> None:
+    """val_loss.png: val loss of every run over tokens, LR underneath; width.png: FFN width over tokens."""
+    runs = {name: read_metrics(out_dir / name / "metrics.jsonl") for name in names}
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=[3, 1.2])
+    for name, rows in runs.items():
+        val = [r for r in rows if "val_loss" in r]
+        line, = ax_loss.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", ms=3, lw=1.4,
+                             label=name)
+        ax_lr.plot([r["tokens"] for r in rows], [r["lr"] for r in rows], lw=1, color=line.get_color(), label=name)
+    ax_loss.set_ylabel("val loss")
+    ax_loss.set_title("validation loss (same data order and seed)")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_lr.set_ylabel("lr")
+    ax_lr.set_xlabel("training tokens")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "val_loss.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for name, rows in runs.items():
+        width_rows = [r for r in rows if "ffn_width" in r]
+        if width_rows:
+            ax.step([r["tokens"] for r in width_rows], [r["ffn_width"] for r in width_rows], where="post", label=name)
+    ax.set_ylabel("FFN width (mean kept neurons per layer)")
+    ax.set_xlabel("training tokens")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "width.png", dpi=110)
+    plt.close(fig)
+
+
+def format_flops(flops: float) -> str:
+    if flops <= 0:
+        return "0"
+    exponent = len(str(int(flops))) - 1
+    return f"{flops / 10 ** exponent:.2f}e{exponent}"
+
+
+def write_compare_report(out_dir: Path, summary: dict, compare) -> Path:
+    """report.md: the table, the plots, and the observed order against the expected one."""
+    runs = summary["pipelines"]
+    lines = ["# lmprune compare", "",
+             "All runs share data, data order, seed and token budget (except the equal-FLOPs scratch run, "
+             "which trains the target model for the training FLOPs of "
+             f"`{compare.compute_reference}`).", "",
+             "| run | pipeline | val ppl | params | FFN width | train tokens | train FLOPs | train tok/s | infer tok/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in sorted(runs.items(), key=lambda item: item[1]["val_ppl"]):
+        lines.append(f"| {name} | {r['pipeline']} | {r['val_ppl']:.3f} | {r['params']:,} | {r['ffn_width']} | "
+                     f"{r['train_tokens']:,} | {format_flops(r['train_flops'])} | {r['train_tok_per_s']:,.0f} | "
+                     f"{r.get('infer_tok_per_s', float('nan')):,.0f} |")
+    lines += ["", "![validation loss](val_loss.png)", "", "![FFN width](width.png)", ""]
+    lines += ["## Expected direction", "",
+              "The IDEA paper expects idea <= oneshot (resumed schedule) <= naive, and idea < scratch, in val ppl.", ""]
+    checks = [("idea", "<=", "oneshot"), ("oneshot", "<=", "naive"), ("idea", "<", "scratch")]
+    for a, op, b in checks:
+        if a in runs and b in runs:
+            pa, pb = runs[a]["val_ppl"], runs[b]["val_ppl"]
+            holds = pa <= pb if op == "<=" else pa < pb
+            lines.append(f"- {a} ({pa:.3f}) {op} {b} ({pb:.3f}): {'holds' if holds else 'does NOT hold'}")
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

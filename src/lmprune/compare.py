@@ -1,0 +1,116 @@
+"""`lmprune compare`: the runs of one config side by side, at the same token budget.
+
+Every run is the base config plus a few `section.key: value` overrides (compare.runs), so they share
+data, data order, seed and token budget. Optionally one more run trains the target model from scratch
+for the training FLOPs of a reference run (equal compute: it sees more tokens). Each run lives in
+DIR/NAME (its own checkpoints; DIR/NAME/final is the HF model); a compare that is interrupted picks up
+where it stopped: finished runs are kept, an unfinished one resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lmprune.checkpoint import write_json
+from lmprune.config import CompareConfig, RunConfig, apply_overrides, config_from_dict
+from lmprune.errors import UserError
+from lmprune.evaluate import forward_throughput
+from lmprune.models import build_model, forward_flops_per_token, llama_config, load_hf_model
+from lmprune.pipelines import resolve_plan
+from lmprune.report import plot_compare, write_compare_report
+from lmprune.train import train
+
+EQUAL_COMPUTE_RUN = "scratch_equal_flops"
+
+
+def load_raw(path: str | Path, overrides: list[str]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections")
+    return apply_overrides(raw, overrides)
+
+
+def run_configs(raw: dict[str, Any], source: str) -> tuple[CompareConfig, dict[str, RunConfig]]:
+    """Validate the base config and every run's config (and its plan) before anything trains."""
+    base = config_from_dict(raw, source=source)
+    compare = base.compare or CompareConfig()
+    runs = {}
+    for name, sets in compare.runs.items():
+        run_raw = copy.deepcopy({k: v for k, v in raw.items() if k not in ("compare", "out_dir")})
+        run_raw = apply_overrides(run_raw, [f"{key}={json.dumps(value)}" for key, value in (sets or {}).items()])
+        cfg = config_from_dict(run_raw, source=f"{source} (run {name})")
+        resolve_plan(cfg)
+        runs[name] = cfg
+    if compare.scratch_equal_compute and runs[compare.compute_reference].pipeline is None:
+        raise UserError(f"compare.compute_reference {compare.compute_reference!r} has no pipeline to compare with")
+    return compare, runs
+
+
+def equal_compute_config(reference: RunConfig, reference_flops: float, vocab_size: int) -> RunConfig:
+    """The target model from scratch, with as many steps as the reference's training FLOPs buy."""
+    raw = reference.model_dump(mode="json")
+    raw["pipeline"] = dict(raw["pipeline"], name="scratch")
+    raw["kd"] = None
+    tcfg = reference.train
+    target = build_model(llama_config(reference.model, vocab_size, tcfg.seq_len, None), tcfg.seed)
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum
+    step_flops = 3 * forward_flops_per_token(target, tcfg.seq_len) * tokens_per_step
+    steps = max(tcfg.steps, int(round(reference_flops / step_flops)))
+    raw["train"] = dict(raw["train"], steps=steps)
+    return config_from_dict(raw, source=EQUAL_COMPUTE_RUN)
+
+
+def run_compare(config_path: str | Path, out_dir: Path, overrides: list[str] | None = None,
+                quiet: bool = False) -> dict[str, Any]:
+    raw = load_raw(config_path, overrides or [])
+    compare, runs = run_configs(raw, str(config_path))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = out_dir / "compare_config.json"
+    if saved.is_file() and json.loads(saved.read_text()) != raw:
+        raise UserError(f"{out_dir} holds another comparison (its compare_config.json differs); choose another --out")
+    write_json(saved, raw)
+
+    results: dict[str, dict[str, Any]] = {}
+    for name, cfg in runs.items():
+        results[name] = run_one(name, cfg, out_dir / name, quiet)
+    if compare.scratch_equal_compute:
+        reference = runs[compare.compute_reference]
+        vocab = load_hf_model(out_dir / compare.compute_reference / "final").config.vocab_size
+        cfg = equal_compute_config(reference, results[compare.compute_reference]["train_flops"], vocab)
+        results[EQUAL_COMPUTE_RUN] = run_one(EQUAL_COMPUTE_RUN, cfg, out_dir / EQUAL_COMPUTE_RUN, quiet)
+
+    for name, result in results.items():
+        model = load_hf_model(out_dir / name / "final")
+        result["infer_tok_per_s"] = round(forward_throughput(model, model.config.vocab_size, compare.infer_batch_size,
+                                                             compare.infer_seq_len, torch.device("cpu")), 1)
+    summary = {"pipelines": results}
+    write_json(out_dir / "summary.json", summary)
+    plot_compare(out_dir, list(results))
+    write_compare_report(out_dir, summary, compare)
+    return summary
+
+
+def run_one(name: str, cfg: RunConfig, run_dir: Path, quiet: bool) -> dict[str, Any]:
+    """Train one run (or reuse / resume it) and return its summary row."""
+    summary_file = run_dir / "summary.json"
+    if not (summary_file.is_file() and (run_dir / "final" / "config.json").is_file()):
+        if not quiet:
+            print(f"== {name} ==", flush=True)
+        train(cfg, run_dir, resume=True, quiet=quiet)
+    run = json.loads(summary_file.read_text())
+    return {"val_ppl": run["val_ppl"], "val_loss": run["val_loss"], "params": run["params"],
+            "ffn_width": run["ffn_width"], "train_tokens": run["tokens"], "train_flops": run["train_flops"],
+            "train_tok_per_s": round(run["train_tok_per_s"], 1), "steps": run["steps"],
+            "pipeline": cfg.pipeline.name if cfg.pipeline else "none"}
