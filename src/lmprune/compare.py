@@ -24,7 +24,7 @@ from lmprune.evaluate import forward_throughput
 from lmprune.models import build_model, forward_flops_per_token, llama_config, load_hf_model
 from lmprune.pipelines import resolve_plan
 from lmprune.report import plot_compare, write_compare_report
-from lmprune.train import train
+from lmprune.train import print_result, train
 
 EQUAL_COMPUTE_RUN = "scratch_equal_flops"
 
@@ -108,7 +108,9 @@ def run_one(name: str, cfg: RunConfig, run_dir: Path, quiet: bool) -> dict[str, 
     if not (summary_file.is_file() and (run_dir / "final" / "config.json").is_file()):
         if not quiet:
             print(f"== {name} ==", flush=True)
-        train(cfg, run_dir, resume=True, quiet=quiet)
+        result = train(cfg, run_dir, resume=True, quiet=quiet)
+        if not quiet:
+            print_result(result)
     run = json.loads(summary_file.read_text())
     return {"val_ppl": run["val_ppl"], "val_loss": run["val_loss"], "params": run["params"],
             "ffn_width": run["ffn_width"], "train_tokens": run["tokens"], "train_flops": run["train_flops"],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -332,10 +332,13 @@ def describe_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
     """One line per field with its type, default and docstring (for --help-config)."""
     lines = []
     for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            lines.append(f"{prefix}{name}:  {field.description or ''}")
-            lines += describe_fields(annotation, prefix + "  ")
+        candidates = [field.annotation, *get_args(field.annotation)]  # Section or Section | None
+        section = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if section is not None:
+            optional = " (optional section)" if field.default is None else ""
+            lines.append(f"{prefix}{name}:{optional}  {field.description or ''}")
+            lines += describe_fields(section, prefix + "  ")
         else:
-            lines.append(f"{prefix}{name} = {field.default!r}  # {field.description or ''}")
+            default = "(required)" if field.is_required() else repr(field.default)
+            lines.append(f"{prefix}{name} = {default}  # {' '.join((field.description or '').split())}")
     return lines

@@ -1,0 +1,172 @@
+"""IDEA Prune overheads, each a ratio measured side by side in one run (interleaved, median of N).
+
+  (a) step time with importance tracking / plain training of the same enlarged model   goal <= 1.03
+  (b) recovery step time after compaction / a scratch target model                    goal <= 1.05
+  (c) importance-state bytes / parameter bytes (mean-max)                             goal <= 0.001
+  (d) exported model forward tok/s / a scratch model of the same config               goal >= 0.97
+
+Usage: python benchmarks/bench_idea.py [--preset tiny] [--steps 20] [--threads 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from lmprune.config import ModelConfig, TrainConfig
+from lmprune.evaluate import forward_throughput
+from lmprune.models import PRESETS, build_model, llama_config
+from lmprune.optim import build_optimizer
+from lmprune.pipelines import enlarged_width
+from lmprune.pruning.structured import FFNPruneConfig, FFNPruner, compact_ffn
+
+
+def make(preset: str, width: int, seq_len: int, vocab: int):
+    cfg = ModelConfig(preset=preset, intermediate_size=width)
+    return build_model(llama_config(cfg, vocab, seq_len, None), seed=0)
+
+
+class Trainer:
+    """One model + AdamW (+ an optional hook), stepping on fixed random batches."""
+
+    def __init__(self, model, tcfg: TrainConfig, hook=None):
+        self.model, self.hook, self.tcfg = model, hook, tcfg
+        if hook is not None:
+            hook.apply(model)
+        self.optimizer = build_optimizer(model, tcfg)
+        self.step_index = 0
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = self.model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        if self.hook is not None:
+            self.hook.after_backward(self.model, self.step_index)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.hook is not None:
+            self.optimizer = self.hook.after_optimizer_step(self.model, self.optimizer, self.step_index)
+        self.step_index += 1
+        return time.perf_counter() - t0
+
+
+def interleaved(a: Trainer, b: Trainer, batches, warmup: int) -> tuple[float, float]:
+    """Median step seconds of a and b, alternating which goes first (drift hits both alike)."""
+    times_a, times_b = [], []
+    for i, (x, y) in enumerate(batches):
+        pair = [(a, times_a), (b, times_b)] if i % 2 == 0 else [(b, times_b), (a, times_a)]
+        for trainer, sink in pair:
+            seconds = trainer.step(x, y)
+            if i >= warmup:
+                sink.append(seconds)
+    return statistics.median(times_a), statistics.median(times_b)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--enlarge", type=float, default=2.6)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tcfg = TrainConfig(steps=10_000, warmup=0)
+    target = PRESETS[args.preset]["intermediate_size"]
+    wide = enlarged_width(target, args.enlarge, 8)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, args.vocab, (args.batch_size, args.seq_len + 1), generator=g)
+               for _ in range(args.steps)]
+    batches = [(b[:, :-1], b[:, 1:]) for b in batches]
+    warmup = min(3, args.steps // 4)
+    results = {}
+
+    # (a) tracking the sensitivity EMA every step (window far away: nothing is pruned) vs plain
+    tracking_cfg = FFNPruneConfig(start_step=10_000, span_steps=10, target_width=target, track_from=0)
+    plain = Trainer(make(args.preset, wide, args.seq_len, args.vocab), tcfg)
+    tracked_hook = FFNPruner(tracking_cfg, make_optimizer=lambda m: build_optimizer(m, tcfg))
+    tracked = Trainer(make(args.preset, wide, args.seq_len, args.vocab), tcfg, tracked_hook)
+    t_plain, t_tracked = interleaved(plain, tracked, batches, warmup)
+    results["a_tracking_step_ratio"] = {"ratio": t_tracked / t_plain, "goal": "<= 1.03",
+                                        "ok": t_tracked / t_plain <= 1.03,
+                                        "detail": f"{t_tracked * 1e3:.1f} ms vs {t_plain * 1e3:.1f} ms per step"}
+
+    # (c) memory of the importance state vs the parameters, for mean-max
+    param_bytes = sum(p.numel() * p.element_size() for p in tracked.model.parameters())
+    state_ratio = tracked_hook.importance_state_bytes() / param_bytes
+    results["c_importance_state_ratio"] = {
+        "ratio": state_ratio, "goal": "<= 0.001", "ok": state_ratio <= 0.001,
+        "detail": f"{tracked_hook.importance_state_bytes():,} B state / {param_bytes:,} B params "
+                  f"(3 floats per neuron vs 3 x d_model weights: the ratio shrinks as 1/d_model)"}
+    del plain, tracked
+    # The same measurement on a real model's shape: SmolLM2-135M (d576, 30 layers, FFN 1536) enlarged 2.6x.
+    smol_wide = enlarged_width(1536, args.enlarge, 8)
+    smol = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=smol_wide,
+                                        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                        tie_word_embeddings=True))
+    smol_hook = FFNPruner(FFNPruneConfig(start_step=10_000, span_steps=10, target_width=1536, track_from=0),
+                          make_optimizer=lambda m: build_optimizer(m, tcfg))
+    smol_hook.apply(smol)
+    smol_bytes = sum(p.numel() * p.element_size() for p in smol.parameters())
+    smol_ratio = smol_hook.importance_state_bytes() / smol_bytes
+    results["c_importance_state_ratio_smollm2_shape"] = {
+        "ratio": smol_ratio, "goal": "<= 0.001", "ok": smol_ratio <= 0.001,
+        "detail": f"{smol_hook.importance_state_bytes():,} B state / {smol_bytes:,} B params "
+                  f"(SmolLM2-135M shape, FFN {smol_wide} -> 1536)"}
+    del smol, smol_hook
+
+    # (b) recovery after compaction vs a scratch model of the target width
+    keep = torch.zeros(PRESETS[args.preset]["num_layers"], wide, dtype=torch.bool)
+    keep[:, :target] = True
+    compacted_model = make(args.preset, wide, args.seq_len, args.vocab)
+    enlarged_trainer = Trainer(compacted_model, tcfg)
+    enlarged_trainer.step(*batches[0])  # AdamW state exists, as it does at compaction time
+    enlarged_trainer.optimizer = compact_ffn(compacted_model, keep, enlarged_trainer.optimizer,
+                                             lambda m: build_optimizer(m, tcfg))
+    scratch = Trainer(make(args.preset, target, args.seq_len, args.vocab), tcfg)
+    t_scratch, t_recovery = interleaved(scratch, enlarged_trainer, batches, warmup)
+    results["b_recovery_step_ratio"] = {"ratio": t_recovery / t_scratch, "goal": "<= 1.05",
+                                        "ok": t_recovery / t_scratch <= 1.05,
+                                        "detail": f"{t_recovery * 1e3:.1f} ms vs {t_scratch * 1e3:.1f} ms per step"}
+
+    # (d) the exported (pruned, saved, reloaded) model vs a scratch model of the same config
+    with tempfile.TemporaryDirectory() as tmp:
+        compacted_model.save_pretrained(Path(tmp) / "exported")
+        exported = AutoModelForCausalLM.from_pretrained(Path(tmp) / "exported")
+    fresh = scratch.model
+    rates_exported, rates_fresh = [], []
+    for i in range(5):
+        order = [(exported, rates_exported), (fresh, rates_fresh)]
+        for model, sink in (order if i % 2 == 0 else order[::-1]):
+            sink.append(forward_throughput(model, args.vocab, 8, args.seq_len, torch.device("cpu"), repeats=3))
+    ratio_d = statistics.median(rates_exported) / statistics.median(rates_fresh)
+    results["d_exported_forward_ratio"] = {
+        "ratio": ratio_d, "goal": ">= 0.97", "ok": ratio_d >= 0.97,
+        "detail": f"{statistics.median(rates_exported):,.0f} vs {statistics.median(rates_fresh):,.0f} tok/s "
+                  f"(intermediate_size {exported.config.intermediate_size} vs {fresh.config.intermediate_size})"}
+
+    setup = {"preset": args.preset, "target_width": target, "enlarged_width": wide, "steps": args.steps,
+             "batch": [args.batch_size, args.seq_len], "threads": args.threads, "torch": torch.__version__}
+    if args.json:
+        print(json.dumps({"setup": setup, "results": results}, indent=2))
+        return
+    print(f"setup: {setup}")
+    for name, r in sorted(results.items()):
+        print(f"{name:28s} {r['ratio']:.5f}  goal {r['goal']:8s} {'ok' if r['ok'] else 'MISSED':6s}  {r['detail']}")
+
+
+if __name__ == "__main__":
+    main()
