@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from lmprune.errors import UserError
 from lmprune.pruning.structured import FFNPruneConfig
+from lmprune.pruning.unstructured import GMPConfig, IMPConfig, MGPPConfig
 
 
 class Section(BaseModel):
@@ -130,6 +131,8 @@ class TrainConfig(Section):
     """torch.compile the model (faster after a slow first step)."""
     sample_tokens: int = 48
     """Length of the sample generation printed at the end (0 = none)."""
+    export_sparse: bool = False
+    """Also write OUT/final-sparse/: bitmask + nonzero values (safetensors) of the pruned matrices."""
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -261,6 +264,12 @@ class RunConfig(Section):
     """Enlarge-and-prune pipeline (IDEA Prune and its baselines); None = train the model as given."""
     prune: FFNPruneConfig | None = None
     """Structured FFN pruning with explicit steps (set by `pipeline` when that is given)."""
+    mgpp: MGPPConfig | None = None
+    """Unstructured magnitude pruning with a mixture-Gaussian prior (fine-tuning a model.path)."""
+    gmp: GMPConfig | None = None
+    """Gradual magnitude pruning (Zhu & Gupta cubic schedule)."""
+    imp: IMPConfig | None = None
+    """Iterative magnitude pruning: rounds of {prune, fine-tune steps_per_round steps, evaluate}."""
     kd: KDConfig | None = None
     """Knowledge distillation."""
     compare: CompareConfig | None = None
@@ -270,8 +279,9 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
-        if self.pipeline is not None and self.prune is not None:
-            raise ValueError("give `pipeline` (which sets up pruning) or `prune`, not both")
+        methods = [name for name in ("pipeline", "prune", "mgpp", "gmp", "imp") if getattr(self, name) is not None]
+        if len(methods) > 1:
+            raise ValueError(f"give one pruning method, not {' and '.join(methods)}")
         if self.pipeline is not None and self.pipeline.name != "scratch" and self.model.path:
             raise ValueError("pipelines enlarge a preset model; model.path cannot be enlarged")
         return self

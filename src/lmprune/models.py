@@ -70,7 +70,8 @@ def check_model_dir(path: str | Path) -> dict:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{config_file}: not valid JSON ({exc.msg})") from None
-    if not any((path / name).exists() for name in ("model.safetensors", "model.safetensors.index.json")):
+    weights = ("model.safetensors", "model.safetensors.index.json", "model.sparse.safetensors")
+    if not any((path / name).exists() for name in weights):
         raise UserError(f"{path} holds no model.safetensors weights")
     architectures = config.get("architectures") or []
     if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
@@ -81,8 +82,15 @@ def check_model_dir(path: str | Path) -> dict:
 def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a local HF causal-LM dir (no remote code, no network)."""
     check_model_dir(path)
+    path = Path(path)
     try:
-        AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if not (path / "model.safetensors").exists() and (path / "model.sparse.safetensors").exists():
+            from lmprune.pruning.sparse_export import load_compact_into  # bitmask + values (lmprune's own)
+
+            model = AutoModelForCausalLM.from_config(config)
+            load_compact_into(model, path / "model.sparse.safetensors")
+            return model.to(dtype)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None

@@ -57,10 +57,27 @@ def enlarged_width(target: int, factor: float, round_to: int) -> int:
     return int(math.ceil(target * factor / round_to) * round_to)
 
 
+def check_sparse_schedule(cfg: RunConfig) -> None:
+    """The unstructured methods' schedules must fit in the run (UserError otherwise)."""
+    steps = cfg.train.steps
+    if cfg.mgpp is not None and cfg.mgpp.warmup_steps + cfg.mgpp.cubic_steps >= steps:
+        raise UserError(f"mgpp: warmup_steps + cubic_steps ({cfg.mgpp.warmup_steps} + {cfg.mgpp.cubic_steps}) "
+                        f"must end before train.steps ({steps}) so the mask freezes inside the run")
+    if cfg.gmp is not None and cfg.gmp.t0 + cfg.gmp.n * cfg.gmp.dt >= steps:
+        raise UserError(f"gmp: the last mask update (t0 + n*dt = {cfg.gmp.t0 + cfg.gmp.n * cfg.gmp.dt}) must come "
+                        f"before train.steps ({steps})")
+    if cfg.imp is not None:
+        needed = len(cfg.imp.sparsity_levels()) * cfg.imp.steps_per_round
+        if cfg.imp.steps_per_round < 1 or needed != steps:
+            raise UserError(f"imp: train.steps must be rounds x steps_per_round = {needed} (got {steps}), "
+                            "steps_per_round >= 1")
+
+
 def resolve_plan(cfg: RunConfig) -> Plan:
     """Resolve pipeline/prune/kd sections into a Plan; every inconsistency is a UserError here."""
     steps = cfg.train.steps
     pipe = cfg.pipeline
+    check_sparse_schedule(cfg)
     if pipe is None:
         width = configured_width(cfg)
         prune = cfg.prune

@@ -111,3 +111,16 @@ def write_compare_report(out_dir: Path, summary: dict, compare) -> Path:
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_sparsity_curve(out_dir: Path) -> None:
+    """Iterative magnitude pruning: sparsity.md (ppl per round) and ppl_vs_sparsity.png from metrics.jsonl."""
+    from lmprune.pruning.unstructured import plot_ppl_vs_sparsity, rows_to_markdown
+
+    rows = [{"round": r.get("round", 0), "target_sparsity": r.get("target_sparsity", 0.0),
+             "exact_sparsity": r.get("sparsity", 0.0), "val_ppl": r["val_ppl"], "step": r["step"]}
+            for r in read_metrics(out_dir / "metrics.jsonl") if "val_ppl" in r]
+    if not rows:
+        return
+    plot_ppl_vs_sparsity(rows, out_dir / "ppl_vs_sparsity.png", metric="val_ppl")
+    (out_dir / "sparsity.md").write_text("# perplexity vs sparsity\n\n" + rows_to_markdown(rows) + "\n")

@@ -36,7 +36,12 @@ from lmprune.models import (build_model, count_params, forward_flops_per_token, 
                             load_hf_model)
 from lmprune.optim import build_optimizer, set_lr
 from lmprune.pipelines import Plan, resolve_plan
+from lmprune.pruning.iterative import IMPPruner
 from lmprune.pruning.structured import FFNPruner
+from lmprune.pruning.sparse_export import file_sizes, save_compact
+from lmprune.pruning.unstructured import (DEFAULT_PATTERNS, GMPPruner, MGPPPruner, prunable_parameters,
+                                          zero_fraction)
+from lmprune.report import plot_training, write_sparsity_curve
 
 # Config fields that may differ between a run and its resumption (they change no numbers).
 RESUME_FREE_KEYS = {("train", "save_every"), ("train", "log_every"), ("train", "eval_every"),
@@ -185,21 +190,41 @@ class MetricsLog:
                 f.write(json.dumps(row) + "\n")
 
 
-def export_final(model: torch.nn.Module, data: PreparedData, final_dir: Path) -> None:
-    """OUT/final: a HF dir (config, safetensors, tokenizer) that loads with no lmprune import."""
-    tmp = final_dir.with_name(final_dir.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    data.load_tokenizer().save_pretrained(tmp)
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(tmp, final_dir)
+def export_final(model: torch.nn.Module, data: PreparedData, final_dir: Path, sparse: bool = False,
+                 patterns: list[str] | None = None) -> None:
+    """OUT/final: a HF dir (config, safetensors, tokenizer) that loads with no lmprune import.
+
+    With `sparse`, OUT/final-sparse holds the same model as bitmask + nonzero values
+    (model.sparse.safetensors, which `lmprune eval` and `load_hf_model` read back bit-exactly).
+    """
+    targets = [(final_dir, False)] + ([(final_dir.with_name(final_dir.name + "-sparse"), True)] if sparse else [])
+    for target, compact in targets:
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if compact:
+            tmp.mkdir()
+            model.config.save_pretrained(tmp)
+            save_compact(model, tmp, patterns or DEFAULT_PATTERNS)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        data.load_tokenizer().save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
 
 
-def make_hook(plan: Plan, tcfg) -> TrainingHook | None:
-    if plan.prune is None:
-        return None
-    return FFNPruner(plan.prune, make_optimizer=lambda model: build_optimizer(model, tcfg))
+def make_hook(cfg: RunConfig, plan: Plan, data: PreparedData) -> TrainingHook | None:
+    """The training-time pruning method the config names (at most one; the config checks that)."""
+    if plan.prune is not None:
+        return FFNPruner(plan.prune, make_optimizer=lambda model: build_optimizer(model, cfg.train))
+    if cfg.mgpp is not None:
+        n_train = cfg.mgpp.n_train or max(1, len(data.train) // cfg.train.seq_len)
+        return MGPPPruner(cfg.mgpp.model_copy(update={"n_train": n_train}))
+    if cfg.gmp is not None:
+        return GMPPruner(cfg.gmp)
+    if cfg.imp is not None:
+        return IMPPruner(cfg.imp)
+    return None
 
 
 def make_distiller(cfg: RunConfig, plan: Plan, out_dir: Path, start_step: int, device: torch.device,
@@ -234,9 +259,6 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, hook: TrainingHoo
         torch.set_num_threads(tcfg.threads)
     check_out_dir(out_dir, run_config, resume)
     plan = resolve_plan(cfg)
-    if hook is not None and plan.prune is not None:
-        raise UserError("the config already prunes (pipeline/prune); no second training hook can be added")
-    hook = hook or make_hook(plan, tcfg)
     ckpt_root = out_dir / "checkpoints"
     resume_from = ckpt.latest_checkpoint(ckpt_root) if resume else None
     if resume and resume_from is None and any(ckpt_root.glob("step-*")):
@@ -246,6 +268,10 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, hook: TrainingHoo
 
     # ---- everything that can fail on user input happens before the first step --------------
     data = prepare_data(cfg, info)
+    configured_hook = make_hook(cfg, plan, data)
+    if hook is not None and configured_hook is not None:
+        raise UserError("the config already names a pruning method; no second training hook can be added")
+    hook = hook or configured_hook
     model = make_model(cfg, plan, data, resume_from).to(device)
     loader = TokenLoader(data.train, tcfg.batch_size, tcfg.seq_len, tcfg.seed, info.rank, info.world_size)
     optimizer = build_optimizer(model, tcfg)
@@ -276,6 +302,11 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, hook: TrainingHoo
     progress = tqdm(total=tcfg.steps, initial=start_step, disable=quiet or not info.is_main,
                     desc="train", unit="step", dynamic_ncols=True)
     tok_per_s_sum, timed_steps = 0.0, 0
+    if start_step == 0 and getattr(hook, "evaluate_before_training", False):
+        val_loss, _, _ = evaluate_loss(raw_model, data.val, tcfg.batch_size, tcfg.seq_len, tcfg.eval_tokens,
+                                       device, tcfg.dtype, info.rank, info.world_size)
+        metrics.write({"step": 0, "tokens": 0, "val_loss": round(val_loss, 6), "val_ppl": round(math.exp(val_loss), 4),
+                       **hook.metrics()})
     step_flops = step_flops_of(raw_model, distiller, tcfg.seq_len, tokens_per_step)
 
     for step in range(start_step, tcfg.steps):
@@ -324,18 +355,18 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, hook: TrainingHoo
             raise RuntimeError(f"loss became {train_loss} at step {step}; lower train.lr")
 
         done = step + 1
+        hook_metrics = hook.metrics() if hook is not None else {}
         row = None
-        if done % tcfg.log_every == 0 or done == tcfg.steps or (hook is not None and hook.metrics().get("mask_update")):
+        if done % tcfg.log_every == 0 or done == tcfg.steps or hook_metrics.get("mask_update"):
             row = {"step": done, "tokens": tokens_seen, "loss": round(train_loss, 6), "lr": lr,
                    "grad_norm": round(float(grad_norm), 6), "tok_per_s": round(tokens_per_step / step_seconds, 1)}
-            if hook is not None:
-                row.update(hook.metrics())
+            row.update(hook_metrics)
             if distiller is not None:
                 row.update(distiller.metrics(step))
-        if (tcfg.eval_every and done % tcfg.eval_every == 0) or done == tcfg.steps:
+        if (tcfg.eval_every and done % tcfg.eval_every == 0) or done == tcfg.steps or hook_metrics.get("evaluate"):
             val_loss, _, _ = evaluate_loss(raw_model, data.val, tcfg.batch_size, tcfg.seq_len, tcfg.eval_tokens,
                                            device, tcfg.dtype, info.rank, info.world_size)
-            row = row or {"step": done, "tokens": tokens_seen, "loss": round(train_loss, 6), "lr": lr}
+            row = row or {"step": done, "tokens": tokens_seen, "loss": round(train_loss, 6), "lr": lr, **hook_metrics}
             row["val_loss"] = round(val_loss, 6)
             row["val_ppl"] = round(math.exp(val_loss), 4)
         if row is not None:
@@ -358,16 +389,22 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, hook: TrainingHoo
                          tok_per_s_sum / max(1, timed_steps), count_params(raw_model), tcfg.steps, tokens_seen,
                          is_main=info.is_main)
     if info.is_main:
-        export_final(raw_model, data, result.final_dir)
-        from lmprune.report import plot_training
+        patterns = getattr(getattr(hook, "cfg", None), "patterns", None)
+        export_final(raw_model, data, result.final_dir, tcfg.export_sparse, patterns)
         plot_training(out_dir / "metrics.jsonl", out_dir / "training.png")
+        if isinstance(hook, IMPPruner):
+            write_sparsity_curve(out_dir)
         if tcfg.sample_tokens:
             prompt = data.load_tokenizer().decode(data.val[:8].tolist())
             result.sample = generate_sample(raw_model.eval(), data.load_tokenizer(), prompt, tcfg.sample_tokens)
         summary = {"val_loss": val_loss, "val_ppl": result.val_ppl, "train_tok_per_s": result.train_tok_per_s,
                    "params": result.params, "ffn_width": raw_model.config.intermediate_size,
                    "steps": tcfg.steps, "tokens": tokens_seen, "train_flops": train_flops,
+                   "sparsity": zero_fraction(prunable_parameters(raw_model, patterns or DEFAULT_PATTERNS)),
+                   "final_bytes": sum(file_sizes(result.final_dir).values()),
                    "rank_fingerprints": fingerprints}
+        if tcfg.export_sparse:
+            summary["final_sparse_bytes"] = sum(file_sizes(out_dir / "final-sparse").values())
         ckpt.write_json(out_dir / "summary.json", summary)
     info.barrier()
     return result

@@ -79,8 +79,9 @@ class MGPPConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
-    n_train: int
-    """n: training-set size in examples; the prior gradient is scaled by 1/n."""
+    n_train: int | None = None
+    """n: training-set size in examples; the prior gradient is scaled by 1/n. None (in `lmprune train`) =
+    the number of train.seq_len sequences in the training split."""
     lam: float = 0.1
     """Slab weight lambda of the prior lam*N(0, s1) + (1-lam)*N(0, s0), in (0, 1)."""
     lam_final_factor: float = 1e-3
@@ -119,7 +120,7 @@ class MGPPConfig(BaseModel):
             raise ValueError(f"mgpp.lam_final_factor must be in (0, 1], got {self.lam_final_factor}")
         if not 0.0 < self.s0 < self.s1:
             raise ValueError(f"mgpp needs 0 < s0 < s1 (variances), got s0={self.s0}, s1={self.s1}")
-        if self.n_train <= 0:
+        if self.n_train is not None and self.n_train <= 0:
             raise ValueError(f"mgpp.n_train must be > 0, got {self.n_train}")
         _check_sparsities("mgpp", self.s_i, self.s_f)
         for name in ("warmup_steps", "cubic_steps", "eta_warmin_steps"):
@@ -559,6 +560,8 @@ class MGPPPruner:
     """
 
     def __init__(self, cfg: MGPPConfig) -> None:
+        if cfg.n_train is None:
+            raise ValueError("MGPPPruner needs cfg.n_train (the training-set size in examples)")
         self.cfg = cfg
         self._params: dict[str, nn.Parameter] = {}
         self._keep: dict[str, Tensor] | None = None  # from the last mask update; None before the first
