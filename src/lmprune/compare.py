@@ -42,17 +42,38 @@ def load_raw(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     return apply_overrides(raw, overrides)
 
 
-def run_configs(raw: dict[str, Any], source: str) -> tuple[CompareConfig, dict[str, RunConfig]]:
-    """Validate the base config and every run's config (and its plan) before anything trains."""
+INIT_RUN = "init"
+
+
+def with_overrides(raw: dict[str, Any], sets: dict[str, Any] | None, source: str,
+                   check_plan: bool = True) -> RunConfig:
+    """The base config plus one run's `section.key: value` overrides, validated."""
+    run_raw = copy.deepcopy({k: v for k, v in raw.items() if k not in ("compare", "out_dir")})
+    run_raw = apply_overrides(run_raw, [f"{key}={json.dumps(value)}" for key, value in (sets or {}).items()])
+    cfg = config_from_dict(run_raw, source=source)
+    if check_plan:
+        resolve_plan(cfg)
+    return cfg
+
+
+def run_configs(raw: dict[str, Any], source: str, out_dir: Path) -> tuple[CompareConfig, dict[str, RunConfig]]:
+    """Validate the base config and every run's config (and its plan) before anything trains.
+
+    With compare.init, the init run comes first and every other run starts from DIR/init/final.
+    """
     base = config_from_dict(raw, source=source)
     compare = base.compare or CompareConfig()
     runs = {}
+    if compare.init is not None:
+        if INIT_RUN in compare.runs:
+            raise UserError(f"compare.runs cannot have a run named {INIT_RUN!r} when compare.init is set")
+        runs[INIT_RUN] = with_overrides(raw, compare.init, f"{source} (compare.init)")
     for name, sets in compare.runs.items():
-        run_raw = copy.deepcopy({k: v for k, v in raw.items() if k not in ("compare", "out_dir")})
-        run_raw = apply_overrides(run_raw, [f"{key}={json.dumps(value)}" for key, value in (sets or {}).items()])
-        cfg = config_from_dict(run_raw, source=f"{source} (run {name})")
-        resolve_plan(cfg)
-        runs[name] = cfg
+        sets = dict(sets or {})
+        if compare.init is not None:
+            sets = {"model.path": str(out_dir / INIT_RUN / "final"), "model.preset": None, **sets}
+        # with an init run the starting model does not exist yet: its plan is checked after init trains
+        runs[name] = with_overrides(raw, sets, f"{source} (run {name})", check_plan=compare.init is None)
     if compare.scratch_equal_compute and runs[compare.compute_reference].pipeline is None:
         raise UserError(f"compare.compute_reference {compare.compute_reference!r} has no pipeline to compare with")
     return compare, runs
@@ -75,7 +96,7 @@ def equal_compute_config(reference: RunConfig, reference_flops: float, vocab_siz
 def run_compare(config_path: str | Path, out_dir: Path, overrides: list[str] | None = None,
                 quiet: bool = False) -> dict[str, Any]:
     raw = load_raw(config_path, overrides or [])
-    compare, runs = run_configs(raw, str(config_path))
+    compare, runs = run_configs(raw, str(config_path), out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = out_dir / "compare_config.json"
     if saved.is_file() and json.loads(saved.read_text()) != raw:
@@ -84,6 +105,8 @@ def run_compare(config_path: str | Path, out_dir: Path, overrides: list[str] | N
 
     results: dict[str, dict[str, Any]] = {}
     for name, cfg in runs.items():
+        if name != INIT_RUN and compare.init is not None:
+            resolve_plan(cfg)  # the starting model exists now
         results[name] = run_one(name, cfg, out_dir / name, quiet)
     if compare.scratch_equal_compute:
         reference = runs[compare.compute_reference]
@@ -112,7 +135,23 @@ def run_one(name: str, cfg: RunConfig, run_dir: Path, quiet: bool) -> dict[str, 
         if not quiet:
             print_result(result)
     run = json.loads(summary_file.read_text())
+    method, level = method_of(cfg)
     return {"val_ppl": run["val_ppl"], "val_loss": run["val_loss"], "params": run["params"],
             "ffn_width": run["ffn_width"], "train_tokens": run["tokens"], "train_flops": run["train_flops"],
             "train_tok_per_s": round(run["train_tok_per_s"], 1), "steps": run["steps"],
-            "pipeline": cfg.pipeline.name if cfg.pipeline else "none"}
+            "pipeline": cfg.pipeline.name if cfg.pipeline else method, "method": method, "level": level,
+            "sparsity": run["sparsity"], "final_bytes": run["final_bytes"],
+            **({"final_sparse_bytes": run["final_sparse_bytes"]} if "final_sparse_bytes" in run else {})}
+
+
+def method_of(cfg: RunConfig) -> tuple[str, float | None]:
+    """(method name, target sparsity) of a run, for the report."""
+    if cfg.mgpp is not None:
+        return "mgpp", cfg.mgpp.s_f
+    if cfg.gmp is not None:
+        return "gmp", cfg.gmp.s_f
+    if cfg.imp is not None:
+        return "imp", cfg.imp.sparsity_levels()[-1]
+    if cfg.pipeline is not None:
+        return cfg.pipeline.name, None
+    return ("prune", None) if cfg.prune is not None else ("dense", None)

@@ -230,6 +230,9 @@ class CompareConfig(Section):
                                        "naive": {"pipeline.name": "naive"},
                                        "oneshot": {"pipeline.name": "oneshot"}}
     """Run name -> `section.key: value` overrides of this config (same data order and seed for all)."""
+    init: dict[str, Any] | None = None
+    """Overrides of a dense run trained first (DIR/init); every run then starts from its final model
+    (model.path): the same starting model for fine-tuning methods such as mgpp / gmp / imp."""
     scratch_equal_compute: bool = True
     """Also train the target model from scratch for the training FLOPs of `compute_reference`."""
     compute_reference: str = "idea"
