@@ -118,3 +118,15 @@ def test_eval_json_prints_one_object(tmp_path, prepared_dir, capsys):
     assert result["tokens"] == 256 and result["ppl"] > 1
     expect_user_error(capsys, ["eval", str(tmp_path / "out" / "final"), "--data", str(prepared_dir),
                                "--max-tokens", "0"], "--max-tokens")
+
+
+def test_eval_runs_lm_eval_tasks_and_throughput(tmp_path, prepared_dir, capsys):
+    raw = tiny_run_config(prepared_dir, steps=2, eval_every=0, sample_tokens=0)
+    assert main(train_argv(tmp_path, raw)) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "out" / "final"), "--data", str(prepared_dir), "--json", "--max-tokens",
+                 "256", "--seq-len", "32", "--tasks", "nextline_mc", "--limit", "4", "--throughput"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= result["tasks"]["nextline_mc/acc"] <= 1.0 and result["forward_tok_per_s"] > 0
+    expect_user_error(capsys, ["eval", str(tmp_path / "out" / "final"), "--data", str(prepared_dir),
+                               "--tasks", "no_such_task"], "no_such_task")

@@ -12,6 +12,8 @@ import warnings
 from pathlib import Path
 
 from lmprune.errors import UserError
+from lmprune.lm_tasks import add_task_args
+from lmprune.prune_cmd import add_prune_parser
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
@@ -69,17 +71,39 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lmprune.evaluate import evaluate_model_dir
+    from lmprune.lm_tasks import parse_task_names, run_tasks_from_args
+    from lmprune.sources import resolve_model
 
     if args.max_tokens <= 0:
         raise UserError(f"--max-tokens must be > 0, got {args.max_tokens}")
-    result = evaluate_model_dir(args.model_dir, args.data, args.max_tokens, batch_size=args.batch_size,
+    if args.tasks:
+        parse_task_names(args.tasks)  # bad task names fail before the perplexity pass
+    model_dir = resolve_model(args.model_dir)
+    result = evaluate_model_dir(model_dir, args.data, args.max_tokens, batch_size=args.batch_size,
                                 seq_len=args.seq_len, dtype=args.dtype, device=args.device,
                                 progress=not args.json)
+    if args.throughput:
+        import torch
+
+        from lmprune.evaluate import forward_throughput
+        from lmprune.models import load_hf_model
+
+        model = load_hf_model(model_dir)
+        result["forward_tok_per_s"] = forward_throughput(model, model.config.vocab_size, args.batch_size,
+                                                         result["seq_len"], torch.device(args.device),
+                                                         dtype=args.dtype)
+    if args.tasks:
+        result["tasks"] = run_tasks_from_args(args, model_dir)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{result['model']}: val ppl {result['ppl']:.3f} (loss {result['loss']:.4f}) over "
               f"{result['tokens']:,} tokens, {result['tok_per_s']:,.0f} tok/s, {result['params']:,} params")
+        if "forward_tok_per_s" in result:
+            print(f"forward throughput at batch {args.batch_size} x {result['seq_len']}: "
+                  f"{result['forward_tok_per_s']:,.0f} tok/s")
+        for name, value in result.get("tasks", {}).items():
+            print(f"{name}: {value:.4f}")
     return 0
 
 
@@ -116,15 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = verbs.add_parser("eval", help="val perplexity and tokens/s of a HF causal-LM dir")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help="a local HF causal-LM dir, or smollm2-135m")
     p.add_argument("--data", required=True, help="a prepared dir (lmprune prepare)")
     p.add_argument("--max-tokens", type=int, default=65536, help="val tokens to score")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=None, help="default: min(model max positions, 512)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--throughput", action="store_true", help="also measure forward tok/s at a fixed batch x length")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_task_args(p)
     p.set_defaults(func=cmd_eval)
+
+    add_prune_parser(verbs)
     return parser
 
 

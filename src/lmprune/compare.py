@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from lmprune.checkpoint import write_json
-from lmprune.config import CompareConfig, RunConfig, apply_overrides, config_from_dict
+from lmprune.config import CompareConfig, RunConfig, apply_overrides, config_from_dict, read_raw_config
 from lmprune.errors import UserError
 from lmprune.evaluate import forward_throughput
 from lmprune.models import build_model, forward_flops_per_token, llama_config, load_hf_model
@@ -27,19 +26,6 @@ from lmprune.report import plot_compare, write_compare_report
 from lmprune.train import print_result, train
 
 EQUAL_COMPUTE_RUN = "scratch_equal_flops"
-
-
-def load_raw(path: str | Path, overrides: list[str]) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: the top level must be a mapping of sections")
-    return apply_overrides(raw, overrides)
 
 
 INIT_RUN = "init"
@@ -95,7 +81,7 @@ def equal_compute_config(reference: RunConfig, reference_flops: float, vocab_siz
 
 def run_compare(config_path: str | Path, out_dir: Path, overrides: list[str] | None = None,
                 quiet: bool = False) -> dict[str, Any]:
-    raw = load_raw(config_path, overrides or [])
+    raw = read_raw_config(config_path, overrides)
     compare, runs = run_configs(raw, str(config_path), out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = out_dir / "compare_config.json"

@@ -52,7 +52,7 @@ class ModelConfig(Section):
     preset: Literal["tiny", "small", "base"] | None = "tiny"
     """Architecture preset: tiny (4 layers, d256), small (6, d384), base (8, d512); SwiGLU FFN."""
     path: str | None = None
-    """A local HF causal-LM dir to start from instead of a preset (fine-tuning / recovery)."""
+    """A local HF causal-LM dir (or the built-in smollm2-135m) to start from instead of a preset."""
     hidden_size: int | None = None
     """Override of the preset's model width."""
     intermediate_size: int | None = None
@@ -210,7 +210,7 @@ class KDConfig(Section):
     temperature: float = 2.0
     """Softmax temperature T of teacher and student."""
     teacher: str | None = None
-    """A local HF dir of the teacher; None = the frozen enlarged model at prune start (pipelines)."""
+    """A local HF dir (or smollm2-135m) of the teacher; None = the frozen enlarged model at prune start."""
 
     @model_validator(mode="after")
     def _check(self) -> "KDConfig":
@@ -317,6 +317,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a YAML run config; any problem is one UserError line."""
+    return config_from_dict(read_raw_config(path, overrides), source=str(path))
+
+
+def read_raw_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The YAML mapping of a config file with `--set` overrides applied (not yet validated)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -326,8 +331,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping of sections")
-    raw = apply_overrides(raw, overrides or [])
-    return config_from_dict(raw, source=str(path))
+    return apply_overrides(raw, overrides or [])
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:

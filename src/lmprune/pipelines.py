@@ -22,6 +22,7 @@ from lmprune.errors import UserError
 from lmprune.models import PRESETS, check_model_dir
 from lmprune.pruning.structured import FFNPruneConfig, resolve_target_width, validate_window
 from lmprune.schedules import segmented_warmup_cosine
+from lmprune.sources import resolve_model
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Plan:
 def configured_width(cfg: RunConfig) -> int:
     """FFN width the `model` section describes (preset + override, or the HF dir's config)."""
     if cfg.model.path:
-        config = check_model_dir(cfg.model.path)
+        config = check_model_dir(resolve_model(cfg.model.path))
         if "intermediate_size" not in config:
             raise UserError(f"{cfg.model.path}: config has no intermediate_size (not a Llama-family FFN)")
         return int(config["intermediate_size"])

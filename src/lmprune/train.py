@@ -42,6 +42,7 @@ from lmprune.pruning.sparse_export import file_sizes, save_compact
 from lmprune.pruning.unstructured import (DEFAULT_PATTERNS, GMPPruner, MGPPPruner, prunable_parameters,
                                           zero_fraction)
 from lmprune.report import plot_training, write_sparsity_curve
+from lmprune.sources import resolve_model
 
 # Config fields that may differ between a run and its resumption (they change no numbers).
 RESUME_FREE_KEYS = {("train", "save_every"), ("train", "log_every"), ("train", "eval_every"),
@@ -132,7 +133,7 @@ def prepare_data(cfg: RunConfig, info: Dist) -> PreparedData:
     data_cfg = cfg.data
     if data_cfg.prepared_dir:
         return PreparedData.open(data_cfg.prepared_dir)
-    tokenizer = data_cfg.tokenizer or (cfg.model.path if cfg.model.path else None)
+    tokenizer = data_cfg.tokenizer or (str(resolve_model(cfg.model.path)) if cfg.model.path else None)
     kwargs = dict(source=data_cfg.source, vocab_size=None if tokenizer else data_cfg.vocab_size,
                   tokenizer=tokenizer, val_fraction=data_cfg.val_fraction, seed=data_cfg.seed)
     if info.is_main:
@@ -152,7 +153,7 @@ def make_model(cfg: RunConfig, plan: Plan, data: PreparedData, resume_from: Path
         ckpt.load_model_weights(resume_from, model)
         return model.float()
     if cfg.model.path:
-        model = load_hf_model(cfg.model.path).float()
+        model = load_hf_model(resolve_model(cfg.model.path)).float()
     else:
         model_cfg = cfg.model.model_copy(update={"intermediate_size": plan.initial_width})
         model = build_model(llama_config(model_cfg, data.vocab_size, cfg.train.seq_len, data.eos_token_id),
@@ -234,7 +235,7 @@ def make_distiller(cfg: RunConfig, plan: Plan, out_dir: Path, start_step: int, d
         return None
     distiller = Distiller(cfg.kd, plan.kd_start, cfg.train.steps, cfg.train.dtype)
     if cfg.kd.teacher is not None:
-        distiller.load_teacher(cfg.kd.teacher, device)
+        distiller.load_teacher(resolve_model(cfg.kd.teacher), device)
         if distiller.teacher.config.vocab_size < model.config.vocab_size:
             raise UserError(f"kd.teacher vocab ({distiller.teacher.config.vocab_size}) is smaller than the "
                             f"student's ({model.config.vocab_size})")
