@@ -82,7 +82,8 @@ def test_tokenizer_model_vocab_mismatch(tmp_path, prepared_dir, capsys):
 
 
 def test_model_dir_problems(tmp_path, prepared_dir, capsys):
-    expect_user_error(capsys, ["eval", str(tmp_path / "nope"), "--data", str(prepared_dir)], "model dir not found")
+    expect_user_error(capsys, ["eval", str(tmp_path / "nope"), "--data", str(prepared_dir)],
+                      "neither an existing HF model dir nor a built-in model")
     (tmp_path / "notmodel").mkdir()
     expect_user_error(capsys, ["eval", str(tmp_path / "notmodel"), "--data", str(prepared_dir)], "no config.json")
 
@@ -122,6 +123,7 @@ def test_eval_json_prints_one_object(tmp_path, prepared_dir, capsys):
 
 def test_eval_runs_lm_eval_tasks_and_throughput(tmp_path, prepared_dir, capsys):
     raw = tiny_run_config(prepared_dir, steps=2, eval_every=0, sample_tokens=0)
+    raw["model"]["max_position_embeddings"] = 256  # room for a task's context + continuation
     assert main(train_argv(tmp_path, raw)) == 0
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "out" / "final"), "--data", str(prepared_dir), "--json", "--max-tokens",
