@@ -213,7 +213,7 @@ def load_checkpoint_meta(path: Path) -> dict:
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
+        load_model(model, str(path / "model.safetensors"), strict=True)
     except (SafetensorError, RuntimeError) as exc:
         raise UserError(f"checkpoint {path}: model weights do not load ({str(exc).splitlines()[0]})") from None
 
