@@ -107,6 +107,8 @@ def test_plan_widths_and_segments(prepared_dir):
     assert plan.lr_segments == ((0, 12), (12, 12)) and plan.prune.span_steps == 0
     scratch = resolve_plan(config_from_dict(pipeline_config(prepared_dir, "scratch")))
     assert scratch.initial_width == 64 and scratch.prune is None
+    narrow = resolve_plan(config_from_dict(pipeline_config(prepared_dir, "idea", state_dtype="bf16", ema=0.8)))
+    assert (narrow.prune.state_dtype, narrow.prune.ema) == ("bf16", 0.8)
 
 
 @pytest.mark.parametrize("change, fragment", [
@@ -116,6 +118,7 @@ def test_plan_widths_and_segments(prepared_dir):
     ({"pipeline": {"f1": "median"}}, "pipeline.f1"),
     ({"pipeline": {"enlarge": 1.0}}, "enlarge must be > 1"),
     ({"model": {"intermediate_size": 60}}, "not a multiple of pipeline.round_to"),
+    ({"pipeline": {"state_dtype": "bf16", "ema": 0.95}}, "needs pipeline.ema <= 0.9"),
 ])
 def test_bad_pipeline_settings(tmp_path, prepared_dir, capsys, change, fragment):
     raw = pipeline_config(prepared_dir, "idea")

@@ -185,6 +185,8 @@ class PipelineConfig(Section):
     """Reduction across the neuron's three matrices."""
     uncertainty: bool = False
     """Multiply by the PLATON uncertainty term (per-weight buffers)."""
+    state_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Storage dtype of the sensitivity EMA (bf16 halves it; only for ema <= 0.9)."""
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":
@@ -197,6 +199,9 @@ class PipelineConfig(Section):
                              " must end inside the run (< 1)")
         if self.round_to < 1 or self.prune_every < 1:
             raise ValueError("pipeline.round_to and pipeline.prune_every must be >= 1")
+        if self.state_dtype == "bf16" and self.ema > 0.9:
+            raise ValueError(f"pipeline.state_dtype bf16 needs pipeline.ema <= 0.9, got {self.ema} "
+                             "(a bf16 EMA stops moving near its target; use fp32)")
         return self
 
 

@@ -114,7 +114,8 @@ def resolve_plan(cfg: RunConfig) -> Plan:
         segments = ((0, steps), (t_w, steps - t_w))
     prune = FFNPruneConfig(start_step=t_w, span_steps=span, target_width=target, round_to=pipe.round_to,
                            prune_every=pipe.prune_every, importance=pipe.importance, ema=pipe.ema, f1=pipe.f1,
-                           f2=pipe.f2, uncertainty=pipe.uncertainty, seed=cfg.train.seed)
+                           f2=pipe.f2, uncertainty=pipe.uncertainty,
+                           state_dtype=pipe.state_dtype, seed=cfg.train.seed)
     resolve_target_width(prune, initial)
     validate_window(prune, steps)
     if cfg.train.warmup >= t_w:

@@ -113,6 +113,8 @@ def test_cubic_fraction_known_values_and_boundaries():
     ({"ema": 1.0}, "ema"), ({"uncertainty_ema": -0.1}, "uncertainty_ema"), ({"prune_every": 0}, "prune_every"),
     ({"track_from": 5}, "track_from"), ({"unknown_key": 1}, "unknown_key"),
     ({"uncertainty": True, "importance": "magnitude"}, "uncertainty"), ({"uncertainty": True, "ema": 0.0}, "ema > 0"),
+    ({"state_dtype": "fp16"}, "state_dtype"), ({"state_dtype": "bf16", "ema": 0.95}, "ema <= 0.9"),
+    ({"state_dtype": "bf16", "uncertainty": True, "uncertainty_ema": 0.95}, "uncertainty_ema <= 0.9"),
 ])
 def test_config_rejects_bad_values(overrides, fragment):
     with pytest.raises(ValidationError, match=fragment):
@@ -226,6 +228,45 @@ def test_importance_state_bytes_per_neuron_and_per_weight():
     per_weight.apply(tiny_model())
     assert per_weight.importance_state_bytes() == 2 * 2 * 3 * WIDTH * HIDDEN * 4  # Ibar and Ubar, fp32
     assert FFNPruner(config(importance="magnitude")).importance_state_bytes() == 0
+    bf16 = FFNPruner(config(state_dtype="bf16"))
+    bf16.apply(tiny_model())
+    assert bf16.importance_state_bytes() == 2 * 3 * WIDTH * 2
+
+
+@pytest.mark.parametrize("per_weight, uncertainty", [(False, False), (True, False), (True, True)])
+def test_bf16_state_tracks_the_fp32_ema_within_its_bound(per_weight, uncertainty):
+    # Many steps at lam = 0.9 (the bf16 limit), so the stored EMA has every chance to drift or stall.
+    lam, steps = 0.9, random_steps(layers=2, steps=60, seed=5)
+    kwargs = dict(num_layers=2, width=WIDTH, hidden=HIDDEN, f1="mean", f2="max", ema=lam,
+                  uncertainty=uncertainty, uncertainty_ema=0.5, per_weight=per_weight)
+    exact = SensitivityEMA(**kwargs, dtype=torch.float32)
+    narrow = SensitivityEMA(**kwargs, dtype=torch.bfloat16)
+    for weights, grads in steps:
+        weights32 = [tuple(m.float() for m in layer) for layer in weights]
+        grads32 = [tuple(m.float() for m in layer) for layer in grads]
+        exact.update(weights32, grads32)
+        narrow.update(weights32, grads32)
+    assert all(t.dtype == torch.bfloat16 for t in narrow._buffers().values())
+    assert narrow.nbytes() * 2 == exact.nbytes()
+    bound = 2.0 ** -9 / (1 - lam) * (2 if uncertainty else 1)  # Ibar * Ubar: two stored EMAs' errors
+    relative = (narrow.scores() - exact.scores()).abs() / exact.scores()
+    assert float(relative.max()) <= bound
+    assert float(relative.mean()) > 0  # it is really stored in bf16
+
+
+def test_bf16_state_round_trips_and_refuses_an_fp32_checkpoint():
+    (weights, grads), = random_steps(layers=1, steps=1)
+    weights = [tuple(m.float() for m in layer) for layer in weights]
+    grads = [tuple(m.float() for m in layer) for layer in grads]
+    narrow = SensitivityEMA(1, WIDTH, HIDDEN, "mean", "max", ema=0.5, dtype=torch.bfloat16)
+    narrow.update(weights, grads)
+    restored = SensitivityEMA(1, WIDTH, HIDDEN, "mean", "max", ema=0.5, dtype=torch.bfloat16)
+    restored.load_state_dict(roundtrip(narrow.state_dict()))
+    assert torch.equal(restored.scores(), narrow.scores())
+    wide = SensitivityEMA(1, WIDTH, HIDDEN, "mean", "max", ema=0.5, dtype=torch.float32)
+    wide.update(weights, grads)
+    with pytest.raises(UserError, match="state_dtype"):
+        restored.load_state_dict(wide.state_dict())
 
 
 # ---- masks -------------------------------------------------------------------------------------
@@ -378,6 +419,7 @@ def roundtrip(state: dict) -> dict:
     ({}, 5, "apply_first"),
     ({"f1": "l2", "uncertainty": True}, 5, "load_first"),
     ({"importance": "random"}, 5, "apply_first"),
+    ({"state_dtype": "bf16"}, 5, "load_first"),
     ({"compact": True}, 11, "apply_first"),  # model rebuilt from the compacted HF config
     ({"compact": True}, 11, "load_first"),   # dense model, compacted by apply()
 ])

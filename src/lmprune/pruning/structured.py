@@ -61,6 +61,13 @@ Reduction = Literal["mean", "sum", "max", "l2"]
 MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 
 
+# Storage dtype of the importance buffers, given the weights' dtype (fp32 = at least fp32, e.g. fp64 in tests).
+STATE_DTYPES: dict[str, Callable[[torch.dtype], torch.dtype]] = {
+    "fp32": lambda weight_dtype: torch.promote_types(weight_dtype, torch.float32),
+    "bf16": lambda weight_dtype: torch.bfloat16,
+}
+
+
 class FFNPruneConfig(BaseModel):
     """IDEA Prune: iterative structured pruning of FFN neurons during training."""
 
@@ -90,6 +97,9 @@ class FFNPruneConfig(BaseModel):
     """Multiply by the PLATON uncertainty EMA of |I - Ibar| (needs 2 fp32 copies of the FFN weights)."""
     uncertainty_ema: float = 0.85
     """EMA coefficient b2 of the uncertainty term; in [0, 1)."""
+    state_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Storage dtype of the sensitivity EMA buffers: bf16 halves them (updates still computed in fp32;
+    about 2**-9/(1-ema) relative error, so only for ema <= 0.9 and uncertainty_ema <= 0.9)."""
     ranking: Literal["per_layer", "global"] = "per_layer"
     """per_layer: every layer ends at the target width; global: one threshold (non-uniform, not exportable)."""
     min_width_fraction: float = 0.1
@@ -124,6 +134,12 @@ class FFNPruneConfig(BaseModel):
             raise ValueError(f"uncertainty applies to importance 'sensitivity' only, not {self.importance!r}")
         if self.uncertainty and self.ema == 0.0:
             raise ValueError("uncertainty needs ema > 0: with ema 0, Ibar = I and |I - Ibar| is always 0")
+        if self.state_dtype == "bf16":
+            coefficients = {"ema": self.ema, **({"uncertainty_ema": self.uncertainty_ema} if self.uncertainty else {})}
+            for name, value in coefficients.items():
+                if value > 0.9:
+                    raise ValueError(f"state_dtype bf16 needs {name} <= 0.9, got {value}: a bf16 EMA stops "
+                                     f"moving within ~2**-9/(1-{name}) of its target (use state_dtype fp32)")
         return self
 
     @property
@@ -366,7 +382,7 @@ class FFNPruner:
         cfg = self.cfg
         self._tracker = SensitivityEMA(
             len(self._blocks), gate.out_features, gate.in_features, cfg.f1, cfg.f2, cfg.ema,
-            cfg.uncertainty, cfg.uncertainty_ema, dtype=torch.promote_types(gate.weight.dtype, torch.float32),
+            cfg.uncertainty, cfg.uncertainty_ema, dtype=STATE_DTYPES[cfg.state_dtype](gate.weight.dtype),
             device=gate.weight.device)
 
     def state_dict(self) -> dict[str, Any]:
