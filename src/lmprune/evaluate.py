@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lmprune.data import PreparedData, val_batches
+from lmprune.data import PreparedData
+from lmprune.loader import val_batches
 from lmprune.errors import UserError
 
 

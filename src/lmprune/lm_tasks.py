@@ -184,7 +184,8 @@ def build_tasks(data_dir: str | Path, out_dir: str | Path, num_examples: int = D
 
 def ensure_tasks(data_dir: str | Path, num_examples: int = DEFAULT_EXAMPLES, seed: int = 0) -> Path:
     """The task dir for this corpus under `cache_dir()/lm_tasks/`, built on first use."""
-    from lmprune.data import PreparedData, cache_dir
+    from lmprune.corpora import cache_dir
+    from lmprune.data import PreparedData
 
     data = PreparedData.open(data_dir)
     identity = json.dumps({"data": data.meta.get("fingerprint"), "path": str(data.path.absolute()),

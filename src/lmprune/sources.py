@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lmprune.data import cache_dir, verify_sha256
+from lmprune.corpora import cache_dir, verify_sha256
 from lmprune.errors import UserError
 from lmprune.models import check_model_dir
 

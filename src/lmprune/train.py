@@ -28,7 +28,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmprune import checkpoint as ckpt
 from lmprune.config import RunConfig
-from lmprune.data import PreparedData, TokenLoader, ensure_prepared
+from lmprune.data import PreparedData, ensure_prepared
+from lmprune.loader import TokenLoader
 from lmprune.errors import UserError
 from lmprune.evaluate import evaluate_loss
 from lmprune.distill import Distiller

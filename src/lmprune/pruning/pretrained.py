@@ -28,7 +28,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from lmprune.data import PreparedData, ensure_prepared, load_hf_tokenizer, val_batches
+from lmprune.data import PreparedData, ensure_prepared, load_hf_tokenizer
+from lmprune.loader import val_batches
 from lmprune.errors import UserError
 from lmprune.evaluate import evaluate_loss, forward_throughput
 from lmprune.models import check_model_dir, count_params, load_hf_model

