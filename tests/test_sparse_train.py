@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import tiny_run_config, write_config
 from lmprune.cli import main
 from lmprune.models import load_hf_model
-from lmprune.pruning.unstructured import DEFAULT_PATTERNS, prunable_parameters
+from lmprune.pruning.masks import DEFAULT_PATTERNS, prunable_parameters
 
 
 @pytest.fixture(scope="module")

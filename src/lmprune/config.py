@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from lmprune.errors import UserError
 from lmprune.pruning.structured import FFNPruneConfig
-from lmprune.pruning.unstructured import GMPConfig, IMPConfig, MGPPConfig
+from lmprune.pruning.unstructured_config import GMPConfig, IMPConfig, MGPPConfig
 
 
 class Section(BaseModel):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -157,8 +159,6 @@ def sparse_section(out_dir: Path, sparse: dict[str, dict]) -> list[str]:
 
 def write_sparsity_curve(out_dir: Path) -> None:
     """Iterative magnitude pruning: sparsity.md (ppl per round) and ppl_vs_sparsity.png from metrics.jsonl."""
-    from lmprune.pruning.unstructured import plot_ppl_vs_sparsity, rows_to_markdown
-
     rows = [{"round": r.get("round", 0), "target_sparsity": r.get("target_sparsity", 0.0),
              "exact_sparsity": r.get("sparsity", 0.0), "val_ppl": r["val_ppl"], "step": r["step"]}
             for r in read_metrics(out_dir / "metrics.jsonl") if "val_ppl" in r]
@@ -166,3 +166,39 @@ def write_sparsity_curve(out_dir: Path) -> None:
         return
     plot_ppl_vs_sparsity(rows, out_dir / "ppl_vs_sparsity.png", metric="val_ppl")
     (out_dir / "sparsity.md").write_text("# perplexity vs sparsity\n\n" + rows_to_markdown(rows) + "\n")
+
+
+def plot_ppl_vs_sparsity(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str = "ppl") -> Path:
+    """PNG of `metric` (log scale when all > 0) against exact sparsity, one point per row."""
+    missing = [r.get("round", i) for i, r in enumerate(rows) if metric not in r]
+    if missing:
+        raise ValueError(f"rows {missing} have no {metric!r} value to plot")
+    xs = [100.0 * float(r["exact_sparsity"]) for r in rows]
+    ys = [float(r[metric]) for r in rows]
+    fig, ax = plt.subplots(figsize=(5.0, 3.5))
+    ax.plot(xs, ys, marker="o")
+    if ys and min(ys) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("sparsity of prunable weights (%)")
+    ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def rows_to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table of the rows (columns in first-seen order; floats to 4 significant digits)."""
+    columns: list[str] = []
+    for r in rows:
+        columns += [key for key in r if key not in columns]
+
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -38,10 +38,10 @@ from lmprune.models import (build_model, count_params, forward_flops_per_token, 
 from lmprune.optim import build_optimizer, set_lr
 from lmprune.pipelines import Plan, resolve_plan
 from lmprune.pruning.iterative import IMPPruner
-from lmprune.pruning.structured import FFNPruner
+from lmprune.pruning.masks import DEFAULT_PATTERNS, prunable_parameters, zero_fraction
 from lmprune.pruning.sparse_export import file_sizes, save_compact
-from lmprune.pruning.unstructured import (DEFAULT_PATTERNS, GMPPruner, MGPPPruner, prunable_parameters,
-                                          zero_fraction)
+from lmprune.pruning.structured import FFNPruner
+from lmprune.pruning.unstructured import GMPPruner, MGPPPruner
 from lmprune.report import plot_training, write_sparsity_curve
 from lmprune.sources import resolve_model
 

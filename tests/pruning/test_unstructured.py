@@ -12,11 +12,14 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lmprune.errors import UserError
-from lmprune.pruning.unstructured import (
-    GMPConfig, GMPPruner, IMPConfig, MaskedWeights, MGPPConfig, MGPPPruner, apply_masks_, compute_keep_masks,
-    gmp_is_update_step, gmp_sparsity_at, iterative_magnitude_prune, magnitude_keep_masks, mgpp_eta_at,
-    mgpp_is_update_step, mgpp_lam_at, mgpp_prior_grad, mgpp_sparsity_at, nm_keep_masks, plot_ppl_vs_sparsity,
-    prunable_parameters, rows_to_markdown)
+from lmprune.pruning.iterative import iterative_magnitude_prune
+from lmprune.pruning.masks import (
+    apply_masks_, compute_keep_masks, magnitude_keep_masks, nm_keep_masks, prunable_parameters)
+from lmprune.pruning.unstructured import GMPPruner, MaskedWeights, MGPPPruner, mgpp_prior_grad
+from lmprune.pruning.unstructured_config import (
+    GMPConfig, IMPConfig, MGPPConfig, gmp_is_update_step, gmp_sparsity_at, mgpp_eta_at, mgpp_is_update_step,
+    mgpp_lam_at, mgpp_sparsity_at)
+from lmprune.report import plot_ppl_vs_sparsity, rows_to_markdown
 
 torch.set_num_threads(1)
 

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lmprune.errors import UserError
-from lmprune.pruning.unstructured import DEFAULT_PATTERNS, name_matches
+from lmprune.pruning.masks import DEFAULT_PATTERNS, name_matches
 
 COMPACT_FILENAME = "model.sparse.safetensors"
 FORMAT_NAME = "lmprune-sparse-bitmask"

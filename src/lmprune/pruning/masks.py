@@ -1,0 +1,294 @@
+"""Per-weight keep masks for unstructured pruning: which parameters are prunable, how masks are
+chosen (magnitude, globally or per layer; N:M), enforced (weights, gradients, AdamW moments) and
+saved in a pruner's state.
+
+Masks are dicts `param name -> bool tensor` with True = keep. Names are those of
+`model.named_parameters()` without DDP / torch.compile wrapper prefixes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lmprune.errors import UserError
+
+Scope = Literal["global", "per_layer"]
+
+DEFAULT_PATTERNS: tuple[str, ...] = (
+    r"self_attn\.(q|k|v|o)_proj\.weight$",
+    r"mlp\.(gate|up|down)_proj\.weight$",
+)
+"""Attention q/k/v/o and SwiGLU gate/up/down projections; embeddings, norms and lm_head are not matched."""
+
+
+def parse_nm(spec: str) -> tuple[int, int]:
+    """'N:M' -> (N, M) with 1 <= N < M, else ValueError."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", spec)
+    if match is None:
+        raise ValueError(f"nm must look like 'N:M' (e.g. '2:4'), got {spec!r}")
+    keep, group = int(match.group(1)), int(match.group(2))
+    if not 1 <= keep < group:
+        raise ValueError(f"nm {spec!r}: need 1 <= N < M (keep N of every M weights)")
+    return keep, group
+
+
+# ----------------------------------------------------------------------------- prunable parameters
+
+def _clean_name(name: str) -> str:
+    """Parameter name without DDP ('module.') and torch.compile ('_orig_mod.') prefixes."""
+    return re.sub(r"^(?:module\.|_orig_mod\.)+", "", name)
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """True when `pattern` matches `name` as a glob (whole name) or as a regex (re.search)."""
+    if fnmatch.fnmatchcase(name, pattern):
+        return True
+    try:
+        return re.search(pattern, name) is not None
+    except re.error:  # a glob such as "*.q_proj.weight" is not a valid regex
+        return False
+
+
+def prunable_parameters(model: nn.Module, patterns: Sequence[str]) -> dict[str, nn.Parameter]:
+    """2-D parameters whose names match any pattern, in model order; UserError names unmatched patterns."""
+    named = [(_clean_name(name), p) for name, p in model.named_parameters()]
+    found: dict[str, nn.Parameter] = {}
+    unmatched = []
+    for pattern in patterns:
+        hits = [(name, p) for name, p in named if p.ndim == 2 and name_matches(pattern, name)]
+        if not hits:
+            unmatched.append(pattern)
+        found.update(hits)
+    if unmatched:
+        examples = ", ".join(name for name, p in named[:6] if p.ndim == 2)
+        raise UserError(f"pruning patterns match no 2-D parameter of the model: {unmatched} "
+                        f"(parameter names look like: {examples}, ...)")
+    order = {name: i for i, (name, _) in enumerate(named)}
+    return dict(sorted(found.items(), key=lambda item: order[item[0]]))
+
+
+def masked_parameters(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, nn.Parameter]:
+    """Parameters named by `masks`, checked to exist with the masks' shapes."""
+    params = {_clean_name(name): p for name, p in model.named_parameters()}
+    for name, mask in masks.items():
+        if name not in params:
+            raise UserError(f"mask for {name!r} but the model has no such parameter")
+        if tuple(mask.shape) != tuple(params[name].shape):
+            raise UserError(f"mask for {name!r} has shape {tuple(mask.shape)}, "
+                            f"the parameter {tuple(params[name].shape)}")
+    return {name: params[name] for name in masks}
+
+
+def zero_pruned_params_(params: Mapping[str, Tensor], keep: Mapping[str, Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in params.items():
+            p.masked_fill_(keep[name].logical_not(), 0.0)  # +0.0, never -0.0
+
+
+def zero_pruned_grads_(params: Mapping[str, Tensor], keep: Mapping[str, Tensor]) -> None:
+    for name, p in params.items():
+        if p.grad is not None:
+            p.grad.mul_(keep[name])
+
+
+def zero_pruned_moments_(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor],
+                          keep: Mapping[str, Tensor]) -> None:
+    """Zero the optimizer state (AdamW exp_avg, exp_avg_sq, ...) of pruned entries so they never move."""
+    for name, p in params.items():
+        for value in optimizer.state.get(p, {}).values():
+            if isinstance(value, Tensor) and value.shape == p.shape:
+                value.masked_fill_(keep[name].logical_not(), 0)
+
+
+def apply_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
+    """Set pruned weights (mask False) of `model` to +0.0 in place."""
+    zero_pruned_params_(masked_parameters(model, masks), masks)
+
+
+def mask_grads_(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
+    """Zero the gradients of pruned weights (call between backward and the optimizer step)."""
+    zero_pruned_grads_(masked_parameters(model, masks), masks)
+
+
+def mask_optimizer_state_(model: nn.Module, optimizer: torch.optim.Optimizer, masks: Mapping[str, Tensor]) -> None:
+    """Zero the optimizer moments of pruned weights, so stale momentum cannot move them."""
+    zero_pruned_moments_(optimizer, masked_parameters(model, masks), masks)
+
+
+def zero_fraction(weights: Mapping[str, Tensor] | Sequence[Tensor]) -> float:
+    """Exact fraction of entries equal to zero over all given tensors."""
+    tensors = list(weights.values()) if isinstance(weights, Mapping) else list(weights)
+    total = sum(t.numel() for t in tensors)
+    zeros = sum(int((t.detach() == 0).sum()) for t in tensors)
+    return zeros / total if total else 0.0
+
+
+# ----------------------------------------------------------------------------- masks
+
+def _abs_keys(w: Tensor) -> Tensor:
+    """|w| as float32 bit patterns (int32, same shape): integer order == order of |w|."""
+    return w.detach().abs().to(torch.float32).contiguous().view(torch.int32)
+
+
+def _select_smallest(weights: list[Tensor], eligible: list[Tensor | None], k: int) -> tuple[list[Tensor], float]:
+    """Prune masks (True = prune) taking exactly k eligible entries with the smallest |w|.
+
+    Ineligible entries (eligible False) are pruned as well, outside the count. The k-th smallest
+    |w| is found by bisection on the float bit patterns, counting per tensor, so no copy of all
+    weights is ever made (about 31 passes over the weights). Ties at the threshold go to earlier
+    tensors first, then to lower flat indices. Returns the masks and the threshold |w|.
+    """
+    if k <= 0:
+        masks = [e.logical_not() if e is not None else torch.zeros_like(w, dtype=torch.bool)
+                 for w, e in zip(weights, eligible)]
+        return masks, 0.0
+
+    def count_at_most(limit: int) -> int:
+        total = torch.zeros((), dtype=torch.int64, device=weights[0].device)
+        for w, e in zip(weights, eligible):
+            hit = _abs_keys(w) <= limit
+            if e is not None:
+                hit &= e
+            total += hit.sum().to(total.device)
+        return int(total)
+
+    # invariant: count(lo) < k <= count(hi); keys are >= 0 so count(-1) == 0
+    lo, count_lo = -1, 0
+    hi = max(int(_abs_keys(w).max()) for w in weights if w.numel())
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        count = count_at_most(mid)
+        if count >= k:
+            hi = mid
+        else:
+            lo, count_lo = mid, count
+    limit, ties_to_take = hi, k - count_lo
+    masks = []
+    for w, e in zip(weights, eligible):
+        keys = _abs_keys(w)
+        prune = keys < limit
+        at_limit = keys == limit
+        if e is not None:
+            prune &= e
+            at_limit &= e
+        if ties_to_take > 0:
+            tie_index = at_limit.view(-1).nonzero().squeeze(1)[:ties_to_take]
+            prune.view(-1)[tie_index] = True
+            ties_to_take -= tie_index.numel()
+        if e is not None:
+            prune |= e.logical_not()
+        masks.append(prune)
+    threshold = torch.tensor([limit], dtype=torch.int32).view(torch.float32).item()
+    return masks, threshold
+
+
+def magnitude_keep_masks(weights: Mapping[str, Tensor], sparsity: float, scope: Scope = "global",
+                         previous_keep: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], float]:
+    """Keep masks pruning exactly round(sparsity * N) entries of smallest |w| (N over all tensors or per tensor).
+
+    With `previous_keep`, previously pruned entries stay pruned and count toward the target
+    (monotone masks). Returns (masks, threshold), threshold = the largest |w| newly pruned (0.0 if none).
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    names = list(weights)
+    if scope == "global":
+        groups = [names]
+    elif scope == "per_layer":
+        groups = [[name] for name in names]
+    else:
+        raise ValueError(f"scope must be 'global' or 'per_layer', got {scope!r}")
+    keep: dict[str, Tensor] = {}
+    threshold = 0.0
+    for group in groups:
+        tensors = [weights[name] for name in group]
+        eligible = [previous_keep[name] if previous_keep is not None else None for name in group]
+        already_pruned = sum(int(e.logical_not().sum()) for e in eligible if e is not None)
+        k = max(0, round(sparsity * sum(t.numel() for t in tensors)) - already_pruned)
+        prune, group_threshold = _select_smallest(tensors, eligible, k)
+        threshold = max(threshold, group_threshold)
+        keep.update({name: p.logical_not() for name, p in zip(group, prune)})
+    return keep, threshold
+
+
+def check_nm_shapes(weights: Mapping[str, Tensor], group: int) -> None:
+    """UserError unless every matrix's input dimension (the last) is a multiple of M."""
+    bad = [f"{name} {tuple(w.shape)}" for name, w in weights.items() if w.shape[-1] % group]
+    if bad:
+        raise UserError(f"N:M sparsity with M={group} needs input dims divisible by {group}: {', '.join(bad)}")
+
+
+def nm_keep_masks(weights: Mapping[str, Tensor], keep_n: int, group: int,
+                  previous_keep: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], float]:
+    """Keep the N largest |w| of every M consecutive weights along the input (last) dimension.
+
+    Ties go to the lower index; previously pruned entries (previous_keep False) stay pruned.
+    Returns (masks, threshold), threshold = the largest |w| pruned.
+    """
+    check_nm_shapes(weights, group)
+    keep: dict[str, Tensor] = {}
+    threshold = 0.0
+    for name, w in weights.items():
+        score = w.detach().abs().to(torch.float32).reshape(-1, group)  # [groups, M]
+        if previous_keep is not None:
+            score.masked_fill_(previous_keep[name].reshape(-1, group).logical_not(), -1.0)
+        order = torch.argsort(score, dim=1, descending=True, stable=True)  # [groups, M]
+        kept = torch.zeros_like(score, dtype=torch.bool).scatter_(1, order[:, :keep_n], True)
+        if previous_keep is not None:
+            kept &= previous_keep[name].reshape(-1, group)
+        pruned_scores = score.masked_fill(kept, -1.0)
+        threshold = max(threshold, float(pruned_scores.max()) if pruned_scores.numel() else 0.0)
+        keep[name] = kept.reshape(w.shape)
+    return keep, threshold
+
+
+def compute_keep_masks(weights: Mapping[str, Tensor], sparsity: float, scope: Scope = "global",
+                       nm: str | None = None,
+                       previous_keep: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], float]:
+    """Magnitude masks at `sparsity`; with `nm` an N:M mask replaces the threshold whenever sparsity > 0."""
+    if nm is None:
+        return magnitude_keep_masks(weights, sparsity, scope, previous_keep)
+    if sparsity <= 0.0:
+        dense = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
+        return (dict(previous_keep) if previous_keep is not None else dense), 0.0
+    keep_n, group = parse_nm(nm)
+    return nm_keep_masks(weights, keep_n, group, previous_keep)
+
+
+# ----------------------------------------------------------------------------- pruner state helpers
+
+_MASK_PREFIX = "keep_mask."
+
+
+def masks_to_state(keep: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    return {} if keep is None else {_MASK_PREFIX + name: m.to("cpu", copy=True) for name, m in keep.items()}
+
+
+def masks_from_state(state: Mapping[str, Any]) -> dict[str, Tensor] | None:
+    masks = {key[len(_MASK_PREFIX):]: torch.as_tensor(value).bool()
+             for key, value in state.items() if key.startswith(_MASK_PREFIX)}
+    return masks or None
+
+
+def check_state_method(state: Mapping[str, Any], method: str) -> None:
+    if state.get("method") != method:
+        raise UserError(f"pruning state is for method {state.get('method')!r}, not {method!r}")
+
+
+def checked_masks(params: Mapping[str, Tensor], keep: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`keep` checked against the prunable parameters and moved to their devices."""
+    if set(keep) != set(params):
+        raise UserError(f"pruning state has masks for {sorted(set(keep) ^ set(params))[:4]} ... which do not "
+                        "match the prunable parameters of this model/config")
+    out = {}
+    for name, p in params.items():
+        if tuple(keep[name].shape) != tuple(p.shape):
+            raise UserError(f"pruning mask {name!r} has shape {tuple(keep[name].shape)}, parameter {tuple(p.shape)}")
+        out[name] = keep[name].to(p.device)
+    return out
