@@ -26,7 +26,8 @@ from lmprune.evaluate import forward_throughput
 from lmprune.models import PRESETS, build_model, llama_config
 from lmprune.optim import build_optimizer
 from lmprune.pipelines import enlarged_width
-from lmprune.pruning.structured import FFNPruneConfig, FFNPruner, compact_ffn
+from lmprune.pruning.compaction import compact_ffn
+from lmprune.pruning.structured import FFNPruneConfig, FFNPruner
 
 
 # Published model shapes for (c): the ratio falls as 1/d_model, so the toy presets are the worst case.

@@ -15,11 +15,11 @@ from safetensors.torch import save as save_tensors
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lmprune.errors import UserError
+from lmprune.pruning.compaction import compact_ffn
 from lmprune.pruning.importance import SensitivityEMA, neuron_scores
 from lmprune.pruning.structured import (
     FFNPruneConfig,
     FFNPruner,
-    compact_ffn,
     cubic_fraction,
     prune_lowest_global,
     prune_lowest_per_layer,

@@ -3,8 +3,8 @@
 A neuron j of a SwiGLU block is row j of gate_proj and up_proj and column j of down_proj; the three
 are pruned together. `FFNPruner` is a training hook (see `lmprune.train.TrainingHook`): it ranks
 neurons by an importance score (`importance.py`), masks them on a cubic schedule, and finally slices
-the model and the AdamW state to the kept neurons, so recovery runs at target size under the same LR
-schedule.
+the model and the AdamW state to the kept neurons (`compaction.py`), so recovery runs at target size
+under the same LR schedule.
 
 Masks never enter forward(). A pruned neuron's weights are zero; its gradients are zeroed in
 `after_backward` (before clipping, so the gradient norm is the compacted model's); its AdamW moments
@@ -39,7 +39,7 @@ Trainer call order
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -47,8 +47,15 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor, nn
 
 from lmprune.errors import UserError
+from lmprune.pruning.compaction import (
+    MakeOptimizer,
+    compact_ffn,
+    ffn_blocks,
+    neuron_params,
+    prepare_model_for_resume,
+)
 from lmprune.pruning.importance import SensitivityEMA, magnitude_scores, random_scores
-from lmprune.pruning.surgery import count_parameters, decoder_layers, prune_ffn_
+from lmprune.pruning.surgery import count_parameters
 from lmprune.schedules import cubic_fraction
 
 __all__ = [
@@ -58,7 +65,6 @@ __all__ = [
 ]
 
 Reduction = Literal["mean", "sum", "max", "l2"]
-MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 
 
 # Storage dtype of the importance buffers, given the weights' dtype (fp32 = at least fp32, e.g. fp64 in tests).
@@ -193,21 +199,6 @@ def validate_window(cfg: FFNPruneConfig, total_steps: int) -> None:
                         f"must end inside the run's steps 0..{total_steps - 1}")
 
 
-def ffn_blocks(model: nn.Module) -> list[nn.Module]:
-    """The SwiGLU blocks (`mlp` with gate_proj/up_proj/down_proj) of a Llama-family causal LM, in layer order."""
-    return [layer.mlp for layer in decoder_layers(model)]
-
-
-def _neuron_params(block: nn.Module) -> list[tuple[nn.Parameter, int]]:
-    """(parameter, axis of the neurons) of every tensor a neuron owns; down_proj's bias is per output: not."""
-    out = []
-    for linear, axis in ((block.gate_proj, 0), (block.up_proj, 0), (block.down_proj, 1)):
-        out.append((linear.weight, axis))
-        if axis == 0 and linear.bias is not None:
-            out.append((linear.bias, 0))
-    return out
-
-
 def prune_lowest_per_layer(scores: Tensor, keep_mask: Tensor, num_pruned: int) -> Tensor:
     """New keep mask [L, W] with `num_pruned` neurons pruned in every layer (lowest-scored survivors go)."""
     new_mask = keep_mask.clone()
@@ -237,81 +228,6 @@ def prune_lowest_global(scores: Tensor, keep_mask: Tensor, num_pruned: int, min_
     new_mask = keep_mask.clone()
     new_mask[layers[chosen], order[layers[chosen], positions[chosen]]] = False
     return new_mask
-
-
-def compact_ffn(model: nn.Module, keep_masks: Sequence[Tensor] | Tensor,
-                optimizer: torch.optim.Optimizer | None = None,
-                make_optimizer: MakeOptimizer | None = None) -> torch.optim.Optimizer | None:
-    """Slice every layer's FFN to its kept neurons (bool masks [W], one per layer) and set
-    `config.intermediate_size`, in place.
-
-    With `optimizer`, returns a new one from `make_optimizer(model)` holding the old optimizer's state:
-    moments (`exp_avg`, `exp_avg_sq`, ...) sliced like their parameters, `step` kept, and every param
-    group's hyper-parameters (lr, weight_decay, ...) copied. Returns None without an optimizer.
-    UserError if the layers keep different widths (HF configs hold one intermediate_size).
-    """
-    blocks = ffn_blocks(model)
-    masks = [mask.to(torch.bool) for mask in keep_masks]
-    if len(masks) != len(blocks):
-        raise ValueError(f"compact_ffn: {len(masks)} masks for {len(blocks)} layers")
-    widths = [int(mask.sum()) for mask in masks]
-    if len(set(widths)) != 1:
-        raise UserError(f"cannot compact FFN layers to different widths {widths}: the model config holds one "
-                        "intermediate_size, so non-uniform widths (from ranking: global) cannot be exported; "
-                        "use ranking: per_layer, or compact: false to keep the masked dense model")
-    if optimizer is not None and make_optimizer is None:
-        raise ValueError("compact_ffn: an optimizer to carry over needs make_optimizer to rebuild it")
-    keep_indices = [mask.nonzero().squeeze(1) for mask in masks]
-    old_params = [_neuron_params(block) for block in blocks]
-    prune_ffn_(model, keep_indices)
-    if optimizer is None:
-        return None
-    sliced: dict[Tensor, tuple[Tensor, int, Tensor]] = {}  # new param -> (old param, axis, kept indices)
-    for block, old, keep in zip(blocks, old_params, keep_indices):
-        for (old_param, axis), (new_param, _) in zip(old, _neuron_params(block), strict=True):
-            sliced[new_param] = (old_param, axis, keep.to(old_param.device))
-    new_optimizer = make_optimizer(model)
-    _carry_optimizer_state(optimizer, new_optimizer, sliced)
-    return new_optimizer
-
-
-def _carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer,
-                           sliced: dict[Tensor, tuple[Tensor, int, Tensor]]) -> None:
-    if len(old.param_groups) != len(new.param_groups):
-        raise ValueError("make_optimizer built a different number of param groups than the old optimizer")
-    for old_group, new_group in zip(old.param_groups, new.param_groups):
-        if len(old_group["params"]) != len(new_group["params"]):
-            raise ValueError("make_optimizer grouped the parameters differently from the old optimizer")
-        new_group.update({key: value for key, value in old_group.items() if key != "params"})
-        for param in new_group["params"]:
-            old_param, axis, keep = sliced.get(param, (param, None, None))
-            state = old.state.get(old_param)
-            if not state:
-                continue
-            new.state[param] = {
-                # Tensors shaped like the parameter (moments) follow its slicing; `step` etc. are kept.
-                key: value.index_select(axis, keep)
-                if axis is not None and torch.is_tensor(value) and value.shape == old_param.shape else value
-                for key, value in state.items()
-            }
-
-
-def prepare_model_for_resume(model: nn.Module, state: dict[str, Any]) -> None:
-    """Compact a freshly built dense model the way a saved pruner state says the run was (no-op otherwise).
-
-    Call before loading the checkpoint's weights and building the optimizer.
-    """
-    if not state.get("compacted"):
-        return
-    keep_mask = state["keep_mask"].to(torch.bool)
-    widths = [block.gate_proj.out_features for block in ffn_blocks(model)]
-    kept = keep_mask.sum(1).tolist()
-    if widths == kept:
-        return
-    if widths != [keep_mask.shape[1]] * len(widths):
-        raise UserError(f"model FFN widths {widths} match neither the checkpoint's original width "
-                        f"{keep_mask.shape[1]} nor its pruned widths {kept}")
-    compact_ffn(model, keep_mask)
 
 
 class FFNPruner:
@@ -366,7 +282,7 @@ class FFNPruner:
                 # A resumed model may already be at the target width and get its state after apply():
                 # the error stands only if no state arrives before the first step.
                 self._deferred_error = err
-        self._params_per_neuron = sum(p.numel() // p.shape[axis] for p, axis in _neuron_params(blocks[0]))
+        self._params_per_neuron = sum(p.numel() // p.shape[axis] for p, axis in neuron_params(blocks[0]))
         self._param_count = count_parameters(model)
         self._refresh_indices()
 
@@ -463,7 +379,7 @@ class FFNPruner:
                                    "call it after backward() and before zero_grad()")
             self._tracker.update(weights, grads)
         for block, pruned in self._with_pruned():
-            for param, axis in _neuron_params(block):
+            for param, axis in neuron_params(block):
                 if param.grad is not None:
                     param.grad.index_fill_(axis, pruned, 0.0)
 
@@ -486,7 +402,7 @@ class FFNPruner:
                 self.finished = True
                 self._tracker = None  # importance is no longer needed: free it
         for block, pruned in self._with_pruned():
-            for param, axis in _neuron_params(block):
+            for param, axis in neuron_params(block):
                 param.index_fill_(axis, pruned, 0.0)
         if self.finished and cfg.compact:
             optimizer = compact_ffn(model, self.keep_mask, optimizer, self.make_optimizer)
@@ -529,7 +445,7 @@ class FFNPruner:
 
     def _zero_pruned_moments(self, optimizer: torch.optim.Optimizer) -> None:
         for block, pruned in self._with_pruned():
-            for param, axis in _neuron_params(block):
+            for param, axis in neuron_params(block):
                 for value in optimizer.state.get(param, {}).values():
                     if torch.is_tensor(value) and value.shape == param.shape:  # moments, not `step`
                         value.index_fill_(axis, pruned, 0.0)
