@@ -105,7 +105,8 @@ def test_resume_with_only_corrupted_checkpoints(tmp_path, prepared_dir, capsys):
     capsys.readouterr()
     ckpt = tmp_path / "out" / "checkpoints" / "step-000004" / "model.safetensors"
     ckpt.write_bytes(ckpt.read_bytes()[:100])  # truncated
-    expect_user_error(capsys, train_argv(tmp_path, raw, "--resume"), "truncated")
+    with pytest.warns(UserWarning, match="skipping checkpoint step-000004: model.safetensors is truncated"):
+        expect_user_error(capsys, train_argv(tmp_path, raw, "--resume"), "truncated")
 
 
 def test_eval_json_prints_one_object(tmp_path, prepared_dir, capsys):
