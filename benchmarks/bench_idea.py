@@ -41,8 +41,10 @@ SHAPES = [
 ]
 
 
-def shape_state_and_param_bytes(shape: dict, enlarge: float, state_dtype: str, tcfg: TrainConfig) -> tuple[int, int]:
-    """(importance-state bytes, fp32 parameter bytes) of a shape enlarged by `enlarge`, without building it.
+def shape_state_and_param_bytes(shape: dict, enlarge: float, state_dtype: str,
+                                 tcfg: TrainConfig) -> tuple[int, int, int]:
+    """(importance-state bytes, fp32 parameter bytes, enlarged FFN width) of a shape enlarged by `enlarge`,
+    without building it.
 
     Parameters are counted on the meta device (no memory); the state is measured by FFNPruner on ONE
     real decoder layer (uninitialised memory, tiny vocab) and scaled by the layer count: it is the
@@ -63,7 +65,7 @@ def shape_state_and_param_bytes(shape: dict, enlarge: float, state_dtype: str, t
     hook = FFNPruner(FFNPruneConfig(start_step=10_000, span_steps=10, target_width=shape["ffn"], track_from=0,
                                     state_dtype=state_dtype), make_optimizer=lambda m: build_optimizer(m, tcfg))
     hook.apply(one_layer)
-    return hook.importance_state_bytes() * shape["layers"], params
+    return hook.importance_state_bytes() * shape["layers"], params, wide
 
 
 def make(preset: str, width: int, seq_len: int, vocab: int):
@@ -152,11 +154,11 @@ def main() -> None:
     del plain, tracked
     for shape in SHAPES:
         for state_dtype in ("fp32", "bf16"):
-            state, params = shape_state_and_param_bytes(shape, args.enlarge, state_dtype, tcfg)
+            state, params, wide_ffn = shape_state_and_param_bytes(shape, args.enlarge, state_dtype, tcfg)
             results[f"c_importance_state_ratio_{shape['name']}_{state_dtype}"] = {
                 "ratio": state / params, "goal": "<= 0.001", "ok": state / params <= 0.001,
                 "detail": f"{state / 2**20:,.2f} MiB state / {params / 2**20:,.0f} MiB params "
-                          f"(d{shape['hidden']}, FFN {enlarged_width(shape['ffn'], args.enlarge, 8)} -> "
+                          f"(d{shape['hidden']}, FFN {wide_ffn} -> "
                           f"{shape['ffn']}, {shape['layers']} layers)"}
 
     # (b) recovery after compaction vs a scratch model of the target width
