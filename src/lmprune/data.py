@@ -35,6 +35,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from lmprune.corpora import Corpus, cache_dir, load_corpus
 from lmprune.errors import UserError
+from lmprune.trust import refuse_remote_code
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def load_hf_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     path = Path(path).expanduser()
     if not path.is_dir():
         raise UserError(f"tokenizer directory {path} does not exist")
+    refuse_remote_code(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as error:  # transformers raises OSError, ValueError, KeyError, ... for a bad dir

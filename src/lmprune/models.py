@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from lmprune.config import ModelConfig
 from lmprune.errors import UserError
+from lmprune.trust import read_json_object, refuse_pickle_weights, refuse_remote_code
 
 # SwiGLU FFN widths are ~8/3 of the model width, rounded to a multiple of 64.
 PRESETS: dict[str, dict[str, int]] = {
@@ -59,23 +59,22 @@ def build_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
 
 
 def check_model_dir(path: str | Path) -> dict:
-    """Validate a local HF causal-LM dir and return its config dict (UserError when it is not one)."""
+    """Validate a local HF causal-LM dir and return its config dict (UserError when it is not one).
+
+    Refuses dirs that ask for remote code or whose weights are not safetensors (see trust.py).
+    """
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"model dir not found: {path}")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"{path} is not a HF model dir (no config.json)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{config_file}: not valid JSON ({exc.msg})") from None
-    weights = ("model.safetensors", "model.safetensors.index.json", "model.sparse.safetensors")
-    if not any((path / name).exists() for name in weights):
-        raise UserError(f"{path} holds no model.safetensors weights")
+    config = read_json_object(config_file)
+    refuse_remote_code(path, config)
+    refuse_pickle_weights(path)
     architectures = config.get("architectures") or []
-    if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
-        raise UserError(f"{path} is not a causal LM (architectures: {', '.join(architectures)})")
+    if architectures and not any(str(a).endswith("ForCausalLM") for a in architectures):
+        raise UserError(f"{path} is not a causal LM (architectures: {', '.join(map(str, architectures))})")
     return config
 
 
@@ -84,14 +83,15 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTr
     check_model_dir(path)
     path = Path(path)
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         if not (path / "model.safetensors").exists() and (path / "model.sparse.safetensors").exists():
             from lmprune.pruning.sparse_export import load_compact_into  # bitmask + values (lmprune's own)
 
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
             load_compact_into(model, path / "model.sparse.safetensors")
             return model.to(dtype)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                     use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from None
     return model

@@ -150,7 +150,10 @@ def make_model(cfg: RunConfig, plan: Plan, data: PreparedData, resume_from: Path
     if resume_from is not None:
         # The checkpoint's own HF config: after compaction the shapes differ from the config's.
         saved = dict(ckpt.load_checkpoint_meta(resume_from)["model_config"])
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(saved.pop("model_type"), **saved))
+        if "auto_map" in saved:
+            raise UserError(f"checkpoint {resume_from}: model_config.json asks for remote code (auto_map)")
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(saved.pop("model_type"), **saved),
+                                                 trust_remote_code=False)
         ckpt.load_model_weights(resume_from, model)
         return model.float()
     if cfg.model.path:
