@@ -1,5 +1,8 @@
 """IDEA Prune overheads, each a ratio measured side by side in one run (interleaved, median of N).
 
+Every timed step is `lmprune.step.train_step`, the step `lmprune train` runs (forward under bf16
+autocast, backward, the pruner's calls, clipping, AdamW, compaction when the pruner asks for it).
+
   (a) step time with importance tracking / plain training of the same enlarged model   goal <= 1.03
   (b) recovery step time after compaction / a scratch target model                    goal <= 1.05
   (c) importance-state bytes / parameter bytes (mean-max), at the preset and at the
@@ -18,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -25,9 +29,10 @@ from lmprune.config import ModelConfig, TrainConfig
 from lmprune.evaluate import forward_throughput
 from lmprune.models import PRESETS, build_model, llama_config
 from lmprune.optim import build_optimizer
-from lmprune.pipelines import enlarged_width
-from lmprune.pruning.compaction import compact_ffn
-from lmprune.pruning.structured import FFNPruneConfig, FFNPruner
+from lmprune.loader import TokenLoader
+from lmprune.pipelines import Plan, enlarged_width
+from lmprune.pruning.ffn.pruner import FFNPruneConfig, FFNPruner
+from lmprune.step import Trainer, TrainState, train_step
 
 
 # Published model shapes for (c): the ratio falls as 1/d_model, so the toy presets are the worst case.
@@ -73,40 +78,30 @@ def make(preset: str, width: int, seq_len: int, vocab: int):
     return build_model(llama_config(cfg, vocab, seq_len, None), seed=0)
 
 
-class Trainer:
-    """One model + AdamW (+ an optional hook), stepping on fixed random batches."""
-
-    def __init__(self, model, tcfg: TrainConfig, hook=None):
-        self.model, self.hook, self.tcfg = model, hook, tcfg
-        if hook is not None:
-            hook.apply(model)
-        self.optimizer = build_optimizer(model, tcfg)
-        self.step_index = 0
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = self.model(input_ids=x).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        loss.backward()
-        if self.hook is not None:
-            self.hook.after_backward(self.model, self.step_index)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.hook is not None:
-            self.optimizer = self.hook.after_optimizer_step(self.model, self.optimizer, self.step_index)
-        self.step_index += 1
-        return time.perf_counter() - t0
+def bench_trainer(model, tcfg: TrainConfig, tokens: np.ndarray, hook=None) -> tuple[Trainer, TrainState]:
+    """The trainer's own step inputs for one model (+ an optional pruning hook) on a fixed token stream."""
+    width = model.config.intermediate_size
+    plan = Plan(width, width, ((0, tcfg.steps),), None, None, None)
+    loader = TokenLoader(tokens, tcfg.batch_size, tcfg.seq_len, seed=0)
+    if hook is not None:
+        hook.apply(model)
+    trainer = Trainer(tcfg, plan, model, build_optimizer(model, tcfg), loader, torch.device("cpu"), hook=hook)
+    return trainer, TrainState(loader)
 
 
-def interleaved(a: Trainer, b: Trainer, batches, warmup: int) -> tuple[float, float]:
+def timed_step(run: tuple[Trainer, TrainState]) -> float:
+    t0 = time.perf_counter()
+    train_step(*run).loss.item()
+    return time.perf_counter() - t0
+
+
+def interleaved(a, b, steps: int, warmup: int) -> tuple[float, float]:
     """Median step seconds of a and b, alternating which goes first (drift hits both alike)."""
     times_a, times_b = [], []
-    for i, (x, y) in enumerate(batches):
+    for i in range(steps):
         pair = [(a, times_a), (b, times_b)] if i % 2 == 0 else [(b, times_b), (a, times_a)]
-        for trainer, sink in pair:
-            seconds = trainer.step(x, y)
+        for run, sink in pair:
+            seconds = timed_step(run)
             if i >= warmup:
                 sink.append(seconds)
     return statistics.median(times_a), statistics.median(times_b)
@@ -124,28 +119,26 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    tcfg = TrainConfig(steps=10_000, warmup=0)
+    tcfg = TrainConfig(steps=10_000, warmup=0, batch_size=args.batch_size, seq_len=args.seq_len, dtype="bf16")
     target = PRESETS[args.preset]["intermediate_size"]
     wide = enlarged_width(target, args.enlarge, 8)
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, args.vocab, (args.batch_size, args.seq_len + 1), generator=g)
-               for _ in range(args.steps)]
-    batches = [(b[:, :-1], b[:, 1:]) for b in batches]
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, args.vocab, size=(args.steps + 2) * args.batch_size * (args.seq_len + 1)).astype(np.int64)
     warmup = min(3, args.steps // 4)
     results = {}
 
     # (a) tracking the sensitivity EMA every step (window far away: nothing is pruned) vs plain
     tracking_cfg = FFNPruneConfig(start_step=10_000, span_steps=10, target_width=target, track_from=0)
-    plain = Trainer(make(args.preset, wide, args.seq_len, args.vocab), tcfg)
+    plain = bench_trainer(make(args.preset, wide, args.seq_len, args.vocab), tcfg, tokens)
     tracked_hook = FFNPruner(tracking_cfg, make_optimizer=lambda m: build_optimizer(m, tcfg))
-    tracked = Trainer(make(args.preset, wide, args.seq_len, args.vocab), tcfg, tracked_hook)
-    t_plain, t_tracked = interleaved(plain, tracked, batches, warmup)
+    tracked = bench_trainer(make(args.preset, wide, args.seq_len, args.vocab), tcfg, tokens, tracked_hook)
+    t_plain, t_tracked = interleaved(plain, tracked, args.steps, warmup)
     results["a_tracking_step_ratio"] = {"ratio": t_tracked / t_plain, "goal": "<= 1.03",
                                         "ok": t_tracked / t_plain <= 1.03,
                                         "detail": f"{t_tracked * 1e3:.1f} ms vs {t_plain * 1e3:.1f} ms per step"}
 
     # (c) memory of the importance state vs the parameters, for mean-max: this preset, then real shapes
-    param_bytes = sum(p.numel() * p.element_size() for p in tracked.model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in tracked[0].model.parameters())
     state_ratio = tracked_hook.importance_state_bytes() / param_bytes
     results["c_importance_state_ratio"] = {
         "ratio": state_ratio, "goal": "<= 0.001", "ok": state_ratio <= 0.001,
@@ -161,16 +154,16 @@ def main() -> None:
                           f"(d{shape['hidden']}, FFN {wide_ffn} -> "
                           f"{shape['ffn']}, {shape['layers']} layers)"}
 
-    # (b) recovery after compaction vs a scratch model of the target width
-    keep = torch.zeros(PRESETS[args.preset]["num_layers"], wide, dtype=torch.bool)
-    keep[:, :target] = True
+    # (b) recovery after compaction vs a scratch model of the target width: a one-shot prune at step 0,
+    # compacted by train_step itself (weights and AdamW moments sliced, wrappers rebuilt)
+    one_shot = FFNPruner(FFNPruneConfig(start_step=0, span_steps=0, target_width=target, importance="magnitude"),
+                         make_optimizer=lambda m: build_optimizer(m, tcfg))
     compacted_model = make(args.preset, wide, args.seq_len, args.vocab)
-    enlarged_trainer = Trainer(compacted_model, tcfg)
-    enlarged_trainer.step(*batches[0])  # AdamW state exists, as it does at compaction time
-    enlarged_trainer.optimizer = compact_ffn(compacted_model, keep, enlarged_trainer.optimizer,
-                                             lambda m: build_optimizer(m, tcfg))
-    scratch = Trainer(make(args.preset, target, args.seq_len, args.vocab), tcfg)
-    t_scratch, t_recovery = interleaved(scratch, enlarged_trainer, batches, warmup)
+    recovery = bench_trainer(compacted_model, tcfg, tokens, one_shot)
+    timed_step(recovery)
+    assert compacted_model.config.intermediate_size == target and one_shot.compacted
+    scratch = bench_trainer(make(args.preset, target, args.seq_len, args.vocab), tcfg, tokens)
+    t_scratch, t_recovery = interleaved(scratch, recovery, args.steps, warmup)
     results["b_recovery_step_ratio"] = {"ratio": t_recovery / t_scratch, "goal": "<= 1.05",
                                         "ok": t_recovery / t_scratch <= 1.05,
                                         "detail": f"{t_recovery * 1e3:.1f} ms vs {t_scratch * 1e3:.1f} ms per step"}
@@ -179,7 +172,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         compacted_model.save_pretrained(Path(tmp) / "exported")
         exported = AutoModelForCausalLM.from_pretrained(Path(tmp) / "exported")
-    fresh = scratch.model
+    fresh = scratch[0].model
     rates_exported, rates_fresh = [], []
     for i in range(5):
         order = [(exported, rates_exported), (fresh, rates_fresh)]

@@ -23,7 +23,7 @@ import torch
 
 from lmprune.errors import UserError
 from lmprune.models import load_hf_model
-from lmprune.pruning.pretrained import (
+from lmprune.prune_app import (
     DEFAULT_EVAL_SEQ_LEN,
     calibration_batches,
     calibration_window_starts,
@@ -32,7 +32,7 @@ from lmprune.pruning.pretrained import (
     output_tokenizer,
     save_pruned,
 )
-from lmprune.pruning.oneshot import FFN_CRITERIA, prune_model
+from lmprune.pruning.pretrained.oneshot import FFN_CRITERIA, prune_model
 from lmprune.sources import DTYPES, resolve_model
 
 

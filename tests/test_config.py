@@ -2,8 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from lmprune.config import RunConfig, apply_overrides, config_from_dict, describe_fields, load_config
+from lmprune.compare import run_configs
+from lmprune.config import RunConfig, apply_overrides, config_from_dict, describe_fields, load_config, read_raw_config
 from lmprune.errors import UserError
+from lmprune.pipelines import validate_run
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -11,6 +13,42 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_parses(path):
     load_config(path)
+
+
+def stand_in_model_dir(path: Path) -> Path:
+    """A tiny real Llama dir standing in for a model a shipped config names (built or downloaded on use)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_passes_validate_run(path, tmp_path):
+    """Every cross-section rule, for the config and (with a compare section) each of its runs."""
+    raw = read_raw_config(path)
+    stand_in = None
+    for section, key in (("model", "path"), ("kd", "teacher")):
+        if (raw.get(section) or {}).get(key):
+            stand_in = stand_in or stand_in_model_dir(tmp_path / "model")
+            raw[section][key] = str(stand_in)
+    cfg = config_from_dict(raw, source=path.name)
+    if cfg.compare is None:
+        plan = validate_run(cfg)
+        assert plan.initial_width > 0
+        return
+    compare, runs = run_configs(raw, path.name, tmp_path / "out")  # validate_run per run (init first)
+    if compare.init is not None:
+        validate_run(runs["init"])
+    assert runs
+
+
+def test_two_methods_are_refused_by_validate_run():
+    cfg = config_from_dict({"gmp": {"t0": 0, "n": 1, "dt": 1}, "random": {"t0": 0, "n": 1, "dt": 1}})
+    with pytest.raises(UserError, match="give one pruning method, not gmp and random"):
+        validate_run(cfg)
 
 
 def test_defaults_validate():

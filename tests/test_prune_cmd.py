@@ -22,8 +22,8 @@ from transformers import (
 from lmprune.data import load_hf_tokenizer, prepare_corpus
 from lmprune.errors import UserError
 from lmprune.prune_cmd import BUILTIN_MODEL_NAMES, CRITERIA, DTYPE_CHOICES, add_prune_parser
-from lmprune.pruning.oneshot import FFN_CRITERIA
-from lmprune.pruning.pretrained import REPORT_FILE
+from lmprune.pruning.pretrained.oneshot import FFN_CRITERIA
+from lmprune.prune_app import REPORT_FILE
 from lmprune.sources import BUILTIN_MODELS, DTYPES, resolve_model
 
 torch.set_num_threads(1)

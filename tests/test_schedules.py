@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from lmprune.schedules import cubic_fraction, linear_ramp, segmented_warmup_cosine, warmup_cosine
+from lmprune.schedules import cubic_ramp, linear_ramp, segmented_warmup_cosine, warmup_cosine
 
 
 def test_warmup_is_linear_to_peak():
@@ -44,13 +44,13 @@ def test_segment_may_continue_a_longer_schedule():
     assert lrs[50] == warmup_cosine(0, 1.0, 0.0, 5, 50)
 
 
-def test_cubic_fraction_values():
-    assert cubic_fraction(9, 10, 20, 0.6) == 0.0
-    assert cubic_fraction(10, 10, 20, 0.6) == pytest.approx(0.0)
-    assert cubic_fraction(20, 10, 20, 0.6) == pytest.approx(0.6 - 0.6 * 0.5 ** 3)
-    assert cubic_fraction(30, 10, 20, 0.6) == pytest.approx(0.6)
-    assert cubic_fraction(99, 10, 20, 0.6) == pytest.approx(0.6)
-    values = [cubic_fraction(s, 10, 20, 0.6) for s in range(0, 40)]
+def test_cubic_ramp_values():
+    assert cubic_ramp(9, 10, 20, 0.0, 0.6) == 0.0
+    assert cubic_ramp(10, 10, 20, 0.0, 0.6) == pytest.approx(0.0)
+    assert cubic_ramp(20, 10, 20, 0.0, 0.6) == pytest.approx(0.6 - 0.6 * 0.5 ** 3)
+    assert cubic_ramp(30, 10, 20, 0.0, 0.6) == pytest.approx(0.6)
+    assert cubic_ramp(99, 10, 20, 0.0, 0.6) == pytest.approx(0.6)
+    values = [cubic_ramp(s, 10, 20, 0.0, 0.6) for s in range(0, 40)]
     assert all(a <= b for a, b in zip(values, values[1:]))
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import tiny_run_config, write_config
 from lmprune.cli import main
 from lmprune.models import load_hf_model
-from lmprune.pruning.masks import DEFAULT_PATTERNS, prunable_parameters
+from lmprune.pruning.sparse.masks import DEFAULT_PATTERNS, prunable_parameters
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +114,15 @@ def test_bad_sparse_settings(tmp_path, prepared_dir, dense_dir, capsys, method, 
     err = capsys.readouterr().err
     assert code == 2 and fragment in err, err
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_random_baseline_method_runs_in_lmprune_train(tmp_path, prepared_dir, dense_dir):
+    """The README's example method: one module + one line in METHODS, nothing else."""
+    raw = finetune_config(prepared_dir, dense_dir, steps=12, random={"s_f": 0.5, "t0": 1, "n": 3, "dt": 3})
+    out = run(tmp_path, raw)
+    metrics = rows(out)
+    assert [r["step"] for r in metrics if r.get("mask_update")] == [2, 5, 8, 11]
+    assert metrics[-1]["sparsity"] == pytest.approx(0.5, abs=1e-4)
+    assert prunable_sparsity(load_hf_model(out / "final")) == pytest.approx(0.5, abs=1e-4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sparsity"] == pytest.approx(0.5, abs=1e-4)

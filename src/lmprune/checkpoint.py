@@ -7,16 +7,15 @@ Layout of `OUT/checkpoints/step-NNNNNN/`:
   run_config.json        the resolved run config
   manifest.json          sha256 + size of every file above; written LAST: a step dir without a
                          valid manifest is incomplete and is skipped on resume.
-Everything is written into a temp dir, fsynced, then renamed into place.
+Everything is written into a temp dir, fsynced, then renamed into place (`lmprune.atomic.atomic_dir`);
+checkpoints beyond keep_last are deleted with `lmprune.atomic.remove_tree` (renamed away first, so a
+kill mid-delete never leaves a half-deleted `step-*` dir).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from lmprune import atomic
 from lmprune.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -34,29 +34,6 @@ FORMAT_VERSION = 1
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ---- optimizer and RNG state <-> (tensors, json) -------------------------------------------
@@ -126,35 +103,25 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
     """Write checkpoint `step` atomically, then delete all but the newest `keep_last` complete ones."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / step_dir_name(step)
-    tmp = ckpt_root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied (shared) tensors
-    write_json(tmp / "model_config.json", model.config.to_dict())
-    opt_tensors, opt_meta = optimizer_to_flat(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    write_json(tmp / "optimizer.json", opt_meta)
-    extra_tensors, rng_meta = capture_rng()
-    pruner_tensors, pruner_meta = split_state(pruner_state or {}, "pruner")
-    extra_tensors.update(pruner_tensors)
-    save_file(extra_tensors, str(tmp / "extra.safetensors"))
-    state = dict(trainer_state, rng=rng_meta, pruner=pruner_meta if pruner_state is not None else None)
-    write_json(tmp / "trainer_state.json", state)
-    write_json(tmp / "run_config.json", run_config)
-    for path in tmp.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
-    write_json(tmp / MANIFEST, {"format": FORMAT_VERSION, "step": step, "files": files})
-    _fsync_dir(tmp)
-
-    if final.exists():  # a re-save of the same step (e.g. resumed at the end): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    # replace: a re-save of the same step (e.g. resumed at the end) replaces it whole
+    with atomic.atomic_dir(final, replace=True) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied (shared) tensors
+        atomic.write_json(tmp / "model_config.json", model.config.to_dict())
+        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        atomic.write_json(tmp / "optimizer.json", opt_meta)
+        extra_tensors, rng_meta = capture_rng()
+        pruner_tensors, pruner_meta = split_state(pruner_state or {}, "pruner")
+        extra_tensors.update(pruner_tensors)
+        save_file(extra_tensors, str(tmp / "extra.safetensors"))
+        state = dict(trainer_state, rng=rng_meta, pruner=pruner_meta if pruner_state is not None else None)
+        atomic.write_json(tmp / "trainer_state.json", state)
+        atomic.write_json(tmp / "run_config.json", run_config)
+        files = {p.name: {"sha256": atomic.sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        atomic.write_json(tmp / MANIFEST, {"format": FORMAT_VERSION, "step": step, "files": files})  # last
+    # atomic_dir fsynced every file and the dir before the rename, and the root after it
     for old in complete_checkpoints(ckpt_root, verify=False)[:-keep_last]:
-        shutil.rmtree(old)
+        atomic.remove_tree(old)
     return final
 
 
@@ -174,7 +141,7 @@ def checkpoint_problem(path: Path, verify: bool = True) -> str | None:
             return f"missing {name}"
         if file.stat().st_size != info["bytes"]:
             return f"{name} is truncated ({file.stat().st_size} of {info['bytes']} bytes)"
-        if verify and _sha256(file) != info["sha256"]:
+        if verify and atomic.sha256_file(file) != info["sha256"]:
             return f"{name} is corrupted (checksum mismatch)"
     return None
 

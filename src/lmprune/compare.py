@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
-from lmprune.checkpoint import write_json
+from lmprune.atomic import write_json
 from lmprune.config import CompareConfig, RunConfig, apply_overrides, config_from_dict, read_raw_config
 from lmprune.errors import UserError
 from lmprune.evaluate import forward_throughput
 from lmprune.models import build_model, forward_flops_per_token, llama_config, load_hf_model
-from lmprune.pipelines import resolve_plan
+from lmprune.pipelines import validate_run
+from lmprune.pruning import METHODS, method_sections
 from lmprune.report import plot_compare, write_compare_report
 from lmprune.train import print_result, train
 
@@ -38,7 +39,7 @@ def with_overrides(raw: dict[str, Any], sets: dict[str, Any] | None, source: str
     run_raw = apply_overrides(run_raw, [f"{key}={json.dumps(value)}" for key, value in (sets or {}).items()])
     cfg = config_from_dict(run_raw, source=source)
     if check_plan:
-        resolve_plan(cfg)
+        validate_run(cfg)
     return cfg
 
 
@@ -92,7 +93,7 @@ def run_compare(config_path: str | Path, out_dir: Path, overrides: list[str] | N
     results: dict[str, dict[str, Any]] = {}
     for name, cfg in runs.items():
         if name != INIT_RUN and compare.init is not None:
-            resolve_plan(cfg)  # the starting model exists now
+            validate_run(cfg)  # the starting model exists now
         results[name] = run_one(name, cfg, out_dir / name, quiet)
     if compare.scratch_equal_compute:
         reference = runs[compare.compute_reference]
@@ -121,23 +122,21 @@ def run_one(name: str, cfg: RunConfig, run_dir: Path, quiet: bool) -> dict[str, 
         if not quiet:
             print_result(result)
     run = json.loads(summary_file.read_text())
-    method, level = method_of(cfg)
+    method, level, family = method_of(cfg)
     return {"val_ppl": run["val_ppl"], "val_loss": run["val_loss"], "params": run["params"],
             "ffn_width": run["ffn_width"], "train_tokens": run["tokens"], "train_flops": run["train_flops"],
             "train_tok_per_s": round(run["train_tok_per_s"], 1), "steps": run["steps"],
-            "pipeline": cfg.pipeline.name if cfg.pipeline else method, "method": method, "level": level,
+            "pipeline": cfg.pipeline.name if cfg.pipeline else method, "method": method, "level": level, "family": family,
             "sparsity": run["sparsity"], "final_bytes": run["final_bytes"],
             **({"final_sparse_bytes": run["final_sparse_bytes"]} if "final_sparse_bytes" in run else {})}
 
 
-def method_of(cfg: RunConfig) -> tuple[str, float | None]:
-    """(method name, target sparsity) of a run, for the report."""
-    if cfg.mgpp is not None:
-        return "mgpp", cfg.mgpp.s_f
-    if cfg.gmp is not None:
-        return "gmp", cfg.gmp.s_f
-    if cfg.imp is not None:
-        return "imp", cfg.imp.sparsity_levels()[-1]
+def method_of(cfg: RunConfig) -> tuple[str, float | None, str]:
+    """(method name, final sparsity, family) of a run, for the report; read from the method table."""
+    sections = method_sections(cfg)
+    if sections:
+        method = METHODS[sections[0]]
+        return sections[0], method.final_sparsity(getattr(cfg, sections[0])), method.family
     if cfg.pipeline is not None:
-        return cfg.pipeline.name, None
-    return ("prune", None) if cfg.prune is not None else ("dense", None)
+        return cfg.pipeline.name, None, "dense" if cfg.pipeline.name == "scratch" else "structured"
+    return "dense", None, "dense"

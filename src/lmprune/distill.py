@@ -7,13 +7,12 @@ where pruning starts (saved as OUT/teacher/, a HF dir, so a resumed run distils 
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from lmprune.atomic import atomic_dir
 from lmprune.config import KDConfig
 from lmprune.models import load_hf_model
 from lmprune.schedules import linear_ramp
@@ -48,11 +47,9 @@ class Distiller:
     def snapshot_teacher(self, model: torch.nn.Module, save_dir: Path | None) -> None:
         """Freeze a copy of `model` as the teacher; rank 0 also saves it (atomically) for resume."""
         self.teacher = _freeze(copy.deepcopy(model))
-        if save_dir is not None and not save_dir.exists():
-            tmp = save_dir.with_name(save_dir.name + f".tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.teacher.save_pretrained(tmp, safe_serialization=True)
-            os.replace(tmp, save_dir)
+        if save_dir is not None and not save_dir.exists():  # an existing snapshot is kept (resume)
+            with atomic_dir(save_dir, replace=False) as tmp:
+                self.teacher.save_pretrained(tmp, safe_serialization=True)
 
     def mix_loss(self, ce: torch.Tensor, student_logits: torch.Tensor, input_ids: torch.Tensor,
                  step: int) -> torch.Tensor:

@@ -75,7 +75,8 @@ def evaluate_model_dir(model_dir: str | Path, data_dir: str | Path, max_tokens: 
                        seq_len: int | None = None, dtype: str = "fp32", device: str = "cpu",
                        progress: bool = True) -> dict:
     """`lmprune eval`: val perplexity and tokens/s of a HF causal-LM dir on a prepared corpus."""
-    from lmprune.models import count_params, load_hf_model
+    from lmprune.models import load_hf_model
+    from lmprune.pruning.surgery import count_parameters
 
     data = PreparedData.open(data_dir)  # validates the data first: cheap, and fails before loading weights
     model = load_hf_model(model_dir)
@@ -92,4 +93,4 @@ def evaluate_model_dir(model_dir: str | Path, data_dir: str | Path, max_tokens: 
                                           progress=progress)
     return {"model": str(model_dir), "data": str(data_dir), "loss": loss, "ppl": math.exp(loss), "tokens": tokens,
             "tok_per_s": tokens / seconds if seconds > 0 else float("nan"), "seq_len": seq_len,
-            "batch_size": batch_size, "params": count_params(model), "dtype": dtype}
+            "batch_size": batch_size, "params": count_parameters(model), "dtype": dtype}

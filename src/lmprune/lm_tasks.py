@@ -23,7 +23,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
+from lmprune.atomic import atomic_dir, write_json
 from lmprune.errors import UserError
 
 if TYPE_CHECKING:  # lmprune.data (torch, transformers) is imported where used: add_task_args runs on every CLI call
@@ -159,9 +159,8 @@ def build_tasks(data_dir: str | Path, out_dir: str | Path, num_examples: int = D
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"task dir {out_dir} already exists and is not empty")
     documents = held_out_lines(data)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    # replace=False: a task dir another process published meanwhile is kept (OSError, see ensure_tasks)
+    with atomic_dir(out_dir, replace=False) as staging:
         counts = {}
         for task, (make_examples, _) in TASKS.items():
             examples = make_examples(documents, num_examples, random.Random(f"{seed}:{task}"))
@@ -172,13 +171,10 @@ def build_tasks(data_dir: str | Path, out_dir: str | Path, num_examples: int = D
             counts[task] = len(examples)
         meta = {"version": TASK_VERSION, "data_dir": str(data.path), "data_fingerprint": data.meta.get("fingerprint"),
                 "seed": seed, "examples": counts}
-        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # last: marks the dir complete
-        os.chmod(staging, 0o755)
+        write_json(staging / META_FILE, meta, sort_keys=False)  # last: marks the dir complete
+        os.chmod(staging, 0o755)  # an ordinary world-readable dir, whatever the umask (as before)
         if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        os.rename(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            out_dir.rmdir()  # empty, checked above (not empty now: OSError, the staging dir is removed)
     return out_dir
 
 

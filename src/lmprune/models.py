@@ -85,7 +85,7 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTr
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         if not (path / "model.safetensors").exists() and (path / "model.sparse.safetensors").exists():
-            from lmprune.pruning.sparse_export import load_compact_into  # bitmask + values (lmprune's own)
+            from lmprune.pruning.sparse.export import load_compact_into  # bitmask + values (lmprune's own)
 
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
             load_compact_into(model, path / "model.sparse.safetensors")
@@ -108,11 +108,6 @@ def forward_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     attention = config.num_hidden_layers * seq_len * config.num_attention_heads * head_dim
     return 2.0 * matmul + 2.0 * attention
-
-
-def count_params(model: torch.nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def generate_sample(model: PreTrainedModel, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> str:

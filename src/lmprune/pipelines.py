@@ -5,6 +5,9 @@ A pipeline is not a second loop: it decides (1) the width of the model that trai
 The loop in train.py then runs the same way for every pipeline, so they differ in nothing else:
 same data order, same seed, same token budget.
 
+`validate_run(cfg)` is the one place every cross-section rule of a run config is checked, before
+any data is prepared; it returns the run's Plan (which method, when to evaluate, LR segments).
+
   scratch  target model; one warmup+cosine over T
   idea     enlarged model; one warmup+cosine over T; iterative pruning in [t_w, t_w + t_p]; recovery
   naive    enlarged model; warmup+cosine over [0, t_w) (decays fully); one-shot prune at t_w;
@@ -15,12 +18,15 @@ same data order, same seed, same token budget.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
 
 from lmprune.config import RunConfig
 from lmprune.errors import UserError
 from lmprune.models import PRESETS, check_model_dir
-from lmprune.pruning.structured import FFNPruneConfig, resolve_target_width, validate_window
+from lmprune.pruning import METHODS, method_sections
+from lmprune.pruning.ffn.pruner import FFNPruneConfig, resolve_target_width, validate_window
 from lmprune.schedules import segmented_warmup_cosine
 from lmprune.sources import resolve_model
 
@@ -35,19 +41,37 @@ class Plan:
     """FFN width of the exported model."""
     lr_segments: tuple[tuple[int, int], ...]
     """(start, length) warmup+cosine segments; one segment = no re-warm."""
-    prune: FFNPruneConfig | None
-    """The FFN pruner's config, None when nothing is pruned."""
+    method: str | None
+    """The training-time pruning method (a key of lmprune.pruning.METHODS), None for plain training."""
+    method_config: BaseModel | None
+    """Its config: the run config's section, or the FFN pruner config a pipeline derives."""
     kd_start: int | None
     """First step with distillation (None = no KD)."""
+    eval_steps: frozenset[int] = field(default_factory=frozenset)
+    """Completed-step counts with an evaluation besides train.eval_every and the end (0 = before training)."""
+
+    @property
+    def prune(self) -> FFNPruneConfig | None:
+        """The FFN pruner's config when the method is FFN pruning (pipelines, `prune:`)."""
+        return self.method_config if isinstance(self.method_config, FFNPruneConfig) else None
 
     def lr_at(self, step: int, peak: float, end: float, warmup: int) -> float:
         return segmented_warmup_cosine(step, peak, end, warmup, list(self.lr_segments))
 
+    def evaluates_after(self, done: int, eval_every: int, total_steps: int) -> bool:
+        """Whether the loop evaluates once `done` steps are complete."""
+        return done == total_steps or (eval_every > 0 and done % eval_every == 0) or done in self.eval_steps
 
-def configured_width(cfg: RunConfig) -> int:
+
+def model_dir_config(cfg: RunConfig) -> dict | None:
+    """The HF config dict of model.path (validated: no remote code, safetensors), None for a preset."""
+    return check_model_dir(resolve_model(cfg.model.path)) if cfg.model.path else None
+
+
+def configured_width(cfg: RunConfig, hf_config: dict | None = None) -> int:
     """FFN width the `model` section describes (preset + override, or the HF dir's config)."""
     if cfg.model.path:
-        config = check_model_dir(resolve_model(cfg.model.path))
+        config = hf_config if hf_config is not None else model_dir_config(cfg)
         if "intermediate_size" not in config:
             raise UserError(f"{cfg.model.path}: config has no intermediate_size (not a Llama-family FFN)")
         return int(config["intermediate_size"])
@@ -58,52 +82,69 @@ def enlarged_width(target: int, factor: float, round_to: int) -> int:
     return int(math.ceil(target * factor / round_to) * round_to)
 
 
-def check_sparse_schedule(cfg: RunConfig) -> None:
-    """The unstructured methods' schedules must fit in the run (UserError otherwise)."""
-    steps = cfg.train.steps
-    if cfg.mgpp is not None and cfg.mgpp.warmup_steps + cfg.mgpp.cubic_steps >= steps:
-        raise UserError(f"mgpp: warmup_steps + cubic_steps ({cfg.mgpp.warmup_steps} + {cfg.mgpp.cubic_steps}) "
-                        f"must end before train.steps ({steps}) so the mask freezes inside the run")
-    if cfg.gmp is not None and cfg.gmp.t0 + cfg.gmp.n * cfg.gmp.dt >= steps:
-        raise UserError(f"gmp: the last mask update (t0 + n*dt = {cfg.gmp.t0 + cfg.gmp.n * cfg.gmp.dt}) must come "
-                        f"before train.steps ({steps})")
-    if cfg.imp is not None:
-        needed = len(cfg.imp.sparsity_levels()) * cfg.imp.steps_per_round
-        if cfg.imp.steps_per_round < 1 or needed != steps:
-            raise UserError(f"imp: train.steps must be rounds x steps_per_round = {needed} (got {steps}), "
-                            "steps_per_round >= 1")
+def validate_run(cfg: RunConfig) -> Plan:
+    """Check every cross-section rule of a run config (UserError: one line) and resolve its Plan.
+
+    Reads only the config and, for model.path / kd.teacher, the model dirs' config files: nothing is
+    prepared, trained or written. Rules that need the tokenized data (vocab sizes) are checked by the
+    trainer right after the data is opened, before its first step.
+    """
+    methods = method_sections(cfg)
+    if cfg.pipeline is not None:
+        methods = ["pipeline", *methods]
+    if len(methods) > 1:
+        raise UserError(f"give one pruning method, not {' and '.join(methods)}")
+    if cfg.pipeline is not None and cfg.pipeline.name != "scratch" and cfg.model.path:
+        raise UserError("pipelines enlarge a preset model; model.path cannot be enlarged")
+    hf_config = model_dir_config(cfg)
+    max_positions = (hf_config or {}).get("max_position_embeddings") or cfg.model.max_position_embeddings
+    if max_positions is not None and cfg.train.seq_len > int(max_positions):
+        raise UserError(f"train.seq_len {cfg.train.seq_len} exceeds the model's max_position_embeddings "
+                        f"{max_positions}")
+    if cfg.kd is not None and cfg.kd.teacher is not None:
+        check_model_dir(resolve_model(cfg.kd.teacher))
+    plan = resolve_plan(cfg, hf_config)
+    if plan.method is not None:
+        METHODS[plan.method].check_plan(plan.method_config, cfg.train.steps, plan.initial_width)
+    return plan
 
 
-def resolve_plan(cfg: RunConfig) -> Plan:
-    """Resolve pipeline/prune/kd sections into a Plan; every inconsistency is a UserError here."""
+def _kd_start(cfg: RunConfig, snapshot_step: int | None, why: str) -> int | None:
+    """Step distillation starts: 0 with a teacher dir, else the snapshot of the enlarged model."""
+    if cfg.kd is None:
+        return None
+    if cfg.kd.teacher is not None:
+        return 0
+    if snapshot_step is None:
+        raise UserError(why)
+    return snapshot_step
+
+
+def resolve_plan(cfg: RunConfig, hf_config: dict | None = None) -> Plan:
+    """Resolve pipeline / method / kd sections into a Plan (use `validate_run`, which also checks)."""
     steps = cfg.train.steps
     pipe = cfg.pipeline
-    check_sparse_schedule(cfg)
     if pipe is None:
-        width = configured_width(cfg)
-        prune = cfg.prune
+        width = configured_width(cfg, hf_config)
+        sections = method_sections(cfg)
+        name = sections[0] if sections else None
+        method_cfg = getattr(cfg, name) if name else None
         target = width
-        if prune is not None:
-            target = resolve_target_width(prune, width)
-            validate_window(prune, steps)
-        kd_start = None
-        if cfg.kd is not None:
-            if cfg.kd.teacher is None and prune is None:
-                raise UserError("kd.teacher must name a HF dir (no pruning here to snapshot a teacher from)")
-            kd_start = 0 if cfg.kd.teacher is not None else prune.start_step
-        return Plan(width, target, ((0, steps),), prune, kd_start)
+        if isinstance(method_cfg, FFNPruneConfig):
+            target = resolve_target_width(method_cfg, width)
+        snapshot = method_cfg.start_step if isinstance(method_cfg, FFNPruneConfig) else None
+        kd_start = _kd_start(cfg, snapshot, "kd.teacher must name a HF dir (no pruning here to snapshot a teacher from)")
+        eval_steps = METHODS[name].eval_steps(method_cfg, steps) if name else frozenset()
+        return Plan(width, target, ((0, steps),), name, method_cfg, kd_start, eval_steps)
 
-    target = configured_width(cfg)
+    target = configured_width(cfg, hf_config)
     if target % pipe.round_to:
         raise UserError(f"the target FFN width {target} is not a multiple of pipeline.round_to {pipe.round_to}")
     t_w = int(round(pipe.prune_start * steps))
-    kd_start = None
-    if cfg.kd is not None:
-        if pipe.name == "scratch" and cfg.kd.teacher is None:
-            raise UserError("pipeline scratch has no enlarged model to distil from: set kd.teacher to a HF dir")
-        kd_start = 0 if cfg.kd.teacher is not None else t_w
     if pipe.name == "scratch":
-        return Plan(target, target, ((0, steps),), None, kd_start)
+        kd_start = _kd_start(cfg, None, "pipeline scratch has no enlarged model to distil from: set kd.teacher to a HF dir")
+        return Plan(target, target, ((0, steps),), None, None, kd_start)
+    kd_start = _kd_start(cfg, t_w, "")
 
     initial = enlarged_width(target, pipe.enlarge, pipe.round_to)
     span = int(round(pipe.prune_span * steps)) if pipe.name == "idea" else 0
@@ -120,4 +161,4 @@ def resolve_plan(cfg: RunConfig) -> Plan:
     validate_window(prune, steps)
     if cfg.train.warmup >= t_w:
         raise UserError(f"train.warmup ({cfg.train.warmup}) must end before pruning starts (step {t_w})")
-    return Plan(initial, target, segments, prune, kd_start)
+    return Plan(initial, target, segments, "prune", prune, kd_start)

@@ -12,6 +12,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on these machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lmprune.atomic import atomic_file, write_text  # noqa: E402
+
+
+def save_figure(fig, path: str | Path, dpi: int) -> None:
+    """A PNG written atomically (a reader never sees half an image)."""
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi)
+
 
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
@@ -41,7 +49,7 @@ def plot_training(metrics_path: Path, png_path: Path) -> Path | None:
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
+    save_figure(fig, png_path, dpi=110)
     plt.close(fig)
     return png_path
 
@@ -65,7 +73,7 @@ def plot_compare(out_dir: Path, names: list[str]) -> None:
     ax_lr.set_xlabel("training tokens")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_dir / "val_loss.png", dpi=110)
+    save_figure(fig, out_dir / "val_loss.png", dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -79,7 +87,7 @@ def plot_compare(out_dir: Path, names: list[str]) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "width.png", dpi=110)
+    save_figure(fig, out_dir / "width.png", dpi=110)
     plt.close(fig)
 
 
@@ -104,7 +112,7 @@ def write_compare_report(out_dir: Path, summary: dict, compare) -> Path:
                      f"{r['train_tokens']:,} | {format_flops(r['train_flops'])} | {r['train_tok_per_s']:,.0f} | "
                      f"{r.get('infer_tok_per_s', float('nan')):,.0f} |")
     lines += ["", "![validation loss](val_loss.png)", "", "![FFN width](width.png)", ""]
-    sparse = {name: r for name, r in runs.items() if r.get("method") in ("mgpp", "gmp", "imp")}
+    sparse = {name: r for name, r in runs.items() if r.get("family") == "unstructured"}
     if sparse:
         lines += sparse_section(out_dir, sparse)
     lines += ["## Expected direction (observed numbers are shown as they are)", ""]
@@ -126,7 +134,7 @@ def write_compare_report(out_dir: Path, summary: dict, compare) -> Path:
             lines.append(f"- at {level:.0%} sparsity: mgpp ({pm:.3f}) <= gmp ({pg:.3f}): "
                          f"{'holds' if pm <= pg else 'does NOT hold'}")
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -142,7 +150,7 @@ def sparse_section(out_dir: Path, sparse: dict[str, dict]) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "ppl_vs_sparsity.png", dpi=110)
+    save_figure(fig, out_dir / "ppl_vs_sparsity.png", dpi=110)
     plt.close(fig)
     lines = ["## Unstructured sparsity", "",
              "| run | method | target | exact sparsity | val ppl | dense size | compact size |",
@@ -165,7 +173,7 @@ def write_sparsity_curve(out_dir: Path) -> None:
     if not rows:
         return
     plot_ppl_vs_sparsity(rows, out_dir / "ppl_vs_sparsity.png", metric="val_ppl")
-    (out_dir / "sparsity.md").write_text("# perplexity vs sparsity\n\n" + rows_to_markdown(rows) + "\n")
+    write_text(out_dir / "sparsity.md", "# perplexity vs sparsity\n\n" + rows_to_markdown(rows) + "\n")
 
 
 def plot_ppl_vs_sparsity(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str = "ppl") -> Path:
@@ -185,7 +193,7 @@ def plot_ppl_vs_sparsity(rows: Sequence[Mapping[str, Any]], path: str | Path, me
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

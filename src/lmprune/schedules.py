@@ -1,4 +1,7 @@
-"""Schedules as pure functions of the optimizer step (no state, so resume is trivial)."""
+"""Schedules as pure functions of the optimizer step (no state, so resume is trivial).
+
+Formulas: docs/algorithms.md, "Schedules".
+"""
 
 from __future__ import annotations
 
@@ -33,13 +36,17 @@ def segmented_warmup_cosine(step: int, peak: float, end: float, warmup: int,
     return warmup_cosine(step - start, peak, end, min(warmup, length), length)
 
 
-def cubic_fraction(step: int, start: int, span: int, final: float) -> float:
-    """Zhu & Gupta cubic ramp: 0 before `start`, `final` from `start + span` on."""
+def cubic_ramp(step: int, start: int, span: int, initial: float, final: float) -> float:
+    """The Zhu & Gupta cubic ramp every pruning method uses for its pruned fraction:
+
+    0 before `start`; final + (initial - final) * (1 - (step - start) / span)**3 on [start, start + span];
+    `final` from start + span on (and from `start` when span <= 0: one shot).
+    """
     if step < start:
         return 0.0
     if span <= 0 or step >= start + span:
         return final
-    return final - final * (1.0 - (step - start) / span) ** 3
+    return final + (initial - final) * (1.0 - (step - start) / span) ** 3
 
 
 def linear_ramp(step: int, start: int, span: int, begin_value: float, end_value: float) -> float:

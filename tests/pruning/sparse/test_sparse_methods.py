@@ -12,13 +12,14 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lmprune.errors import UserError
-from lmprune.pruning.iterative import iterative_magnitude_prune
-from lmprune.pruning.masks import (
+from lmprune.pruning.sparse.gmp import GMPConfig, GMPPruner, gmp_is_update_step, gmp_sparsity_at
+from lmprune.pruning.sparse.imp import IMPConfig, IMPPruner
+from lmprune.pruning.sparse.masks import (
     apply_masks_, compute_keep_masks, magnitude_keep_masks, nm_keep_masks, prunable_parameters)
-from lmprune.pruning.unstructured import GMPPruner, MaskedWeights, MGPPPruner, mgpp_prior_grad
-from lmprune.pruning.unstructured_config import (
-    GMPConfig, IMPConfig, MGPPConfig, gmp_is_update_step, gmp_sparsity_at, mgpp_eta_at, mgpp_is_update_step,
-    mgpp_lam_at, mgpp_sparsity_at)
+from lmprune.pruning.sparse.mgpp import (
+    MGPPConfig, MGPPPruner, mgpp_eta_at, mgpp_is_update_step, mgpp_lam_at, mgpp_prior_grad, mgpp_sparsity_at)
+from lmprune.step import train_step
+from stepping import step_runner
 from lmprune.report import plot_ppl_vs_sparsity, rows_to_markdown
 
 torch.set_num_threads(1)
@@ -36,17 +37,14 @@ def make_batches(n: int, seed: int = 1) -> list[torch.Tensor]:
 
 
 def train_steps(model, optimizer, pruner, batches, steps, check=None):
-    """The trainer's single step, hand-written: forward, backward, pruner hooks around AdamW."""
+    """`steps` (a contiguous range) of the trainer's own train_step (no clipping); check(step, events)."""
+    trainer, state = step_runner(model, pruner, batches, optimizer=optimizer, first_step=steps[0], grad_clip=0.0)
     for step in steps:
-        ids = batches[step]
-        model(input_ids=ids, labels=ids).loss.backward()
-        pruner.after_backward(model, step)
-        optimizer.step()
-        optimizer = pruner.after_optimizer_step(model, optimizer, step)
-        optimizer.zero_grad(set_to_none=True)
+        assert state.step == step
+        out = train_step(trainer, state)
         if check is not None:
-            check(step)
-    return optimizer
+            check(step, out.events)
+    return trainer.optimizer
 
 
 def adamw(model: nn.Module, lr: float = 1e-2) -> torch.optim.AdamW:
@@ -254,7 +252,7 @@ def test_gmp_masked_weights_stay_zero_under_adamw_with_weight_decay():
     total = sum(p.numel() for p in params.values())
     history = []
 
-    def check(step: int) -> None:
+    def check(step: int, events) -> None:
         if step < cfg.t0:
             assert not pruned_masks(pruner)
             return
@@ -264,7 +262,7 @@ def test_gmp_masked_weights_stay_zero_under_adamw_with_weight_decay():
             assert all(not (keep[n] & ~history[-1][n]).any() for n in keep)  # monotone
         history.append(keep)
         metrics = pruner.metrics()
-        assert metrics["mask_update"] == gmp_is_update_step(step, cfg)
+        assert events.mask_updated == gmp_is_update_step(step, cfg)
         assert sum(int((~m).sum()) for m in keep.values()) == round(gmp_sparsity_at(step, cfg) * total)
         assert metrics["sparsity"] == round(gmp_sparsity_at(step, cfg) * total) / total
 
@@ -280,10 +278,10 @@ def test_frozen_mgpp_masked_weights_stay_zero_under_adamw_with_weight_decay():
     params = prunable_parameters(model, cfg.patterns)
     total = sum(p.numel() for p in params.values())
 
-    def check(step: int) -> None:
+    def check(step: int, events) -> None:
         metrics = pruner.metrics()
-        assert metrics["mask_update"] == mgpp_is_update_step(step, cfg)
-        if metrics["mask_update"]:  # right after an update: exactly round(s*N) zeros
+        assert events.mask_updated == mgpp_is_update_step(step, cfg)
+        if events.mask_updated:  # right after an update: exactly round(s*N) zeros
             assert metrics["sparsity"] == round(mgpp_sparsity_at(step, cfg) * total) / total
         assert metrics["mask_frozen"] == (step >= 5)
         if metrics["mask_frozen"]:
@@ -336,19 +334,6 @@ def test_exact_resume_in_the_middle_of_pruning(method, split, tmp_path):
     masks_a, masks_c = pruned_masks(pruner_a), pruned_masks(pruner_c)
     assert masks_a.keys() == masks_c.keys() and all(torch.equal(masks_a[n], masks_c[n]) for n in masks_a)
     assert pruner_a.metrics() == pruner_c.metrics()
-
-
-def test_masked_weights_keep_zeros_under_adamw():
-    model = tiny_llama()
-    params = prunable_parameters(model, IMPConfig().patterns)
-    optimizer = adamw(model)
-    train_steps(model, optimizer, MaskedWeights({}), make_batches(2), range(2))  # moments exist before masking
-    keep, _ = magnitude_keep_masks(params, 0.5, "per_layer")
-    pruner = MaskedWeights(keep)
-    pruner.apply(model)
-    train_steps(model, optimizer, pruner, make_batches(4), range(4))
-    assert_pruned_are_exact_zeros(params, keep)
-    assert pruner.metrics()["sparsity"] == 0.5
 
 
 # ----------------------------------------------------------------------------- configs and patterns
@@ -406,30 +391,36 @@ def test_patterns_that_match_nothing_are_user_errors(make):
 def test_imp_rounds_are_monotone_with_exact_counts(scope, tmp_path):
     model = tiny_llama()
     cfg = IMPConfig(levels=[0.1, 0.3, 0.5], steps_per_round=2, scope=scope)
+    pruner = IMPPruner(cfg)
+    pruner.apply(model)
     params = prunable_parameters(model, cfg.patterns)
-    batches, eval_ids = make_batches(2, seed=5), make_batches(1, seed=9)[0]
-    seen_masks = []
+    total = sum(p.numel() for p in params.values())
+    eval_ids = make_batches(1, seed=9)[0]
+    seen_masks, rows = [], []
 
-    def finetune(m: nn.Module, masks: dict[str, torch.Tensor], k: int) -> None:
-        seen_masks.append(masks)
-        pruner = MaskedWeights(masks)
-        pruner.apply(m)
-        train_steps(m, adamw(m), pruner, batches, range(k))
+    def check(step: int, events) -> None:
+        assert events.mask_updated == (step % cfg.steps_per_round == 0)
+        keep = pruned_masks(pruner)
+        assert_pruned_are_exact_zeros(params, keep)  # during fine-tuning too
+        if events.mask_updated:
+            seen_masks.append(keep)
+        if (step + 1) % cfg.steps_per_round == 0:  # end of a round: one row of the curve
+            with torch.no_grad():
+                ppl = math.exp(model(input_ids=eval_ids, labels=eval_ids).loss.item())
+            metrics = pruner.metrics()
+            rows.append({"round": len(rows) + 1, "target_sparsity": metrics["target_sparsity"],
+                         "exact_sparsity": metrics["sparsity"], "ppl": ppl})
 
-    def evaluate(m: nn.Module) -> dict:
-        with torch.no_grad():
-            return {"ppl": math.exp(m(input_ids=eval_ids, labels=eval_ids).loss.item())}
-
-    rows = iterative_magnitude_prune(model, cfg, finetune, evaluate)
-    assert [r["round"] for r in rows] == [0, 1, 2, 3]
-    assert [r["target_sparsity"] for r in rows] == [0.0, 0.1, 0.3, 0.5]
-    for row, masks in zip(rows[1:], seen_masks):
+    train_steps(model, adamw(model), pruner, make_batches(6, seed=5), range(6), check)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["target_sparsity"] for r in rows] == [0.1, 0.3, 0.5]
+    for row, masks in zip(rows, seen_masks):
         if scope == "global":
-            expected = round(row["target_sparsity"] * sum(p.numel() for p in params.values()))
+            expected = round(row["target_sparsity"] * total)
         else:
             expected = sum(round(row["target_sparsity"] * p.numel()) for p in params.values())
         assert sum(int((~m).sum()) for m in masks.values()) == expected
-        assert row["exact_sparsity"] == expected / sum(p.numel() for p in params.values())
+        assert row["exact_sparsity"] == expected / total
     for before, after in zip(seen_masks, seen_masks[1:]):
         assert all(not (after[n] & ~before[n]).any() for n in before)
     assert all(math.isfinite(r["ppl"]) for r in rows)

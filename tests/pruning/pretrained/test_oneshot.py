@@ -23,8 +23,8 @@ from transformers import (
 )
 
 from lmprune.errors import UserError
-from lmprune.pruning.calibration import CRITERION_NEEDS, FFN_CRITERIA, HEAD_CRITERIA, collect_stats
-from lmprune.pruning.oneshot import (
+from lmprune.pruning.pretrained.calibration import CRITERION_NEEDS, FFN_CRITERIA, HEAD_CRITERIA, collect_stats
+from lmprune.pruning.pretrained.oneshot import (
     family_of,
     plan_pruning,
     prune_model,

@@ -15,12 +15,14 @@ from safetensors.torch import save as save_tensors
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lmprune.errors import UserError
-from lmprune.pruning.compaction import compact_ffn
-from lmprune.pruning.importance import SensitivityEMA, neuron_scores
-from lmprune.pruning.structured import (
+from lmprune.schedules import cubic_ramp
+from lmprune.step import train_step
+from stepping import step_runner
+from lmprune.pruning.ffn.compaction import compact_ffn
+from lmprune.pruning.ffn.importance import SensitivityEMA, neuron_scores
+from lmprune.pruning.ffn.pruner import (
     FFNPruneConfig,
     FFNPruner,
-    cubic_fraction,
     prune_lowest_global,
     prune_lowest_per_layer,
     resolve_target_width,
@@ -57,24 +59,16 @@ def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def train(model, optimizer, pruner, steps, batches, on_step=None):
-    """The trainer's order of calls, with a decaying LR set on whatever optimizer is current."""
+    """`steps` (a contiguous range) of the trainer's own train_step; on_step(step, optimizer, events)."""
+    trainer, state = step_runner(model, pruner, [b for b in batches], optimizer=optimizer, first_step=steps[0])
     losses = []
     for step in steps:
-        for group in optimizer.param_groups:
-            group["lr"] = 1e-2 * (1.0 - step / 100)
-        loss = lm_loss(model, batches[step])
-        loss.backward()
-        if pruner is not None:
-            pruner.after_backward(model, step)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if pruner is not None:
-            optimizer = pruner.after_optimizer_step(model, optimizer, step)
-        losses.append(loss.item())
+        assert state.step == step
+        out = train_step(trainer, state)
+        losses.append(out.loss.item())
         if on_step is not None:
-            on_step(step, optimizer)
-    return losses, optimizer
+            on_step(step, trainer.optimizer, out.events)
+    return losses, trainer.optimizer
 
 
 def config(**overrides) -> FFNPruneConfig:
@@ -94,16 +88,16 @@ def pruned_rows(model, keep_mask):
 
 # ---- schedule and configuration ------------------------------------------------------------
 
-def test_cubic_fraction_known_values_and_boundaries():
-    assert cubic_fraction(0, 10, 20, 0.5) == 0.0
-    assert cubic_fraction(9, 10, 20, 0.5) == 0.0
-    assert cubic_fraction(10, 10, 20, 0.5) == 0.0
-    assert cubic_fraction(15, 10, 20, 0.5) == pytest.approx(0.5 - 0.5 * 0.75 ** 3)  # 0.2890625
-    assert cubic_fraction(20, 10, 20, 0.5) == pytest.approx(0.4375)
-    assert cubic_fraction(29, 10, 20, 0.5) == pytest.approx(0.5 - 0.5 / 20 ** 3)
-    assert cubic_fraction(30, 10, 20, 0.5) == 0.5
-    assert cubic_fraction(10_000, 10, 20, 0.5) == 0.5
-    assert cubic_fraction(9, 10, 0, 0.3) == 0.0 and cubic_fraction(10, 10, 0, 0.3) == 0.3  # one shot
+def test_cubic_ramp_known_values_and_boundaries():
+    assert cubic_ramp(0, 10, 20, 0.0, 0.5) == 0.0
+    assert cubic_ramp(9, 10, 20, 0.0, 0.5) == 0.0
+    assert cubic_ramp(10, 10, 20, 0.0, 0.5) == 0.0
+    assert cubic_ramp(15, 10, 20, 0.0, 0.5) == pytest.approx(0.5 - 0.5 * 0.75 ** 3)  # 0.2890625
+    assert cubic_ramp(20, 10, 20, 0.0, 0.5) == pytest.approx(0.4375)
+    assert cubic_ramp(29, 10, 20, 0.0, 0.5) == pytest.approx(0.5 - 0.5 / 20 ** 3)
+    assert cubic_ramp(30, 10, 20, 0.0, 0.5) == 0.5
+    assert cubic_ramp(10_000, 10, 20, 0.0, 0.5) == 0.5
+    assert cubic_ramp(9, 10, 0, 0.0, 0.3) == 0.0 and cubic_ramp(10, 10, 0, 0.0, 0.3) == 0.3  # one shot
 
 
 @pytest.mark.parametrize("overrides, fragment", [
@@ -277,7 +271,7 @@ def test_pruned_neurons_stay_zero_through_adamw_steps_and_survivors_keep_state()
     pruner.apply(model)
     batches, checked_updates = make_batches(16), []
 
-    def check(step, opt):
+    def check(step, opt, events):
         keep = pruner.keep_mask
         for gate, up, down in pruned_rows(model, keep):
             assert gate.abs().sum() == 0 and up.abs().sum() == 0 and down.abs().sum() == 0
@@ -285,7 +279,7 @@ def test_pruned_neurons_stay_zero_through_adamw_steps_and_survivors_keep_state()
             state = opt.state[layer.mlp.down_proj.weight]
             assert state["exp_avg"][:, ~mask].abs().sum() == 0 and state["exp_avg_sq"][:, ~mask].abs().sum() == 0
             assert state["exp_avg_sq"][:, mask].min() > 0  # survivors keep their moments
-        if pruner.metrics().get("mask_update"):
+        if events.mask_updated:
             checked_updates.append(step)
 
     # Zero weights in all three matrices already give a pruned neuron zero gradients; perturb them
@@ -313,12 +307,12 @@ def test_per_layer_ranking_follows_the_schedule_and_ends_at_target_width():
     target = resolve_target_width(cfg, WIDTH)  # 48
     previous = pruner.keep_mask.clone()
 
-    def check(step, _):
+    def check(step, _, __):
         nonlocal previous
         keep = pruner.keep_mask
         assert not (keep & ~previous).any()  # monotone: nothing comes back
         previous = keep.clone()
-        fraction = cubic_fraction(step, 3, 12, (WIDTH - target) / WIDTH)
+        fraction = cubic_ramp(step, 3, 12, 0.0, (WIDTH - target) / WIDTH)
         expected = WIDTH - target if step >= 15 else round(fraction * WIDTH)  # e.g. step 12: 15.75 -> 16
         if step >= 3 and (step - 3) % 3 == 0:
             assert (~keep).sum(1).tolist() == [expected] * 3
@@ -364,7 +358,7 @@ def test_compacted_model_and_optimizer_match_the_masked_run():
     old_opt = make_optimizer(compacted)
     _, new_opt = train(compacted, old_opt, compact_pruner, range(7), batches)
 
-    assert new_opt is not old_opt and compact_pruner.metrics()["compacted"] and compact_pruner.compacted
+    assert new_opt is not old_opt and compact_pruner.compacted
     assert compacted.config.intermediate_size == 32 and compacted.model.layers[1].mlp.down_proj.weight.shape == (32, 32)
     assert masked_pruner.metrics()["params"] == compact_pruner.metrics()["params"] == sum(
         p.numel() for p in compacted.parameters())

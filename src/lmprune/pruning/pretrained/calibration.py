@@ -1,4 +1,6 @@
-"""Calibration statistics and the one-shot structured criteria computed from them (DESIGN.md S5).
+"""Calibration statistics and the one-shot structured criteria computed from them.
+
+Formulas: docs/algorithms.md, "One-shot pruning of pretrained models".
 
 `collect_stats` makes one pass over calibration batches and keeps per-channel statistics only (sums
 at the down_proj / o_proj inputs, |w * grad| per FFN neuron and GQA group, block dissimilarity), so

@@ -1,7 +1,9 @@
-"""IDEA Prune: structured pruning of FFN neurons during training, then compaction (DESIGN.md system S1).
+"""IDEA Prune: structured pruning of FFN neurons during training, then compaction.
+
+Formulas: docs/algorithms.md, "IDEA Prune".
 
 A neuron j of a SwiGLU block is row j of gate_proj and up_proj and column j of down_proj; the three
-are pruned together. `FFNPruner` is a training hook (see `lmprune.train.TrainingHook`): it ranks
+are pruned together. `FFNPruner` is a training hook (`lmprune.pruning.hooks.CompactingHook`): it ranks
 neurons by an importance score (`importance.py`), masks them on a cubic schedule, and finally slices
 the model and the AdamW state to the kept neurons (`compaction.py`), so recovery runs at target size
 under the same LR schedule.
@@ -12,7 +14,7 @@ are zeroed when it is pruned; its weights are re-zeroed after every optimizer st
 gradient and moments, AdamW (weight decay included) leaves it at exactly zero, so the masked model
 computes what the compacted one computes. Survivors keep their AdamW state.
 
-Schedule: the pruned fraction is r(t) = cubic_fraction(t, start_step, span_steps, R) with
+Schedule: the pruned fraction is r(t) = cubic_ramp(t, start_step, span_steps, 0, R) with
 R = (width - target) / width (the config's `ratio` after rounding the kept width to a multiple of
 `round_to`). Masks update at start_step + k * prune_every inside the window and at
 start_step + span_steps (the final update, which reaches the target width exactly). At an update,
@@ -23,12 +25,12 @@ Global ranking gives non-uniform widths. HF Llama-family configs hold ONE interm
 model cannot be compacted or exported: compaction raises UserError unless the widths happen to be
 equal. Use ranking: per_layer (the default), or compact: false to keep the masked dense model.
 
-Trainer call order
+Trainer call order (`lmprune.train.train_step` makes these calls)
   fresh run  validate first: FFNPruneConfig, resolve_target_width(cfg, intermediate_size),
              validate_window(cfg, total_steps). Then pruner.apply(model); optimizer = make_optimizer(model);
              per step: backward -> after_backward(model, step) -> clip -> optimizer.step() ->
-             optimizer = after_optimizer_step(model, optimizer, step) -> metrics(). An optimizer that is
-             not the one passed in means the parameters were rebuilt (compaction): re-wrap DDP / compile.
+             events = after_optimizer_step(model, optimizer, step); if events.compact:
+             optimizer = compact(model, optimizer) (parameters rebuilt: re-wrap DDP / compile).
   resume     (a) model rebuilt from the checkpoint's HF config (already compacted if the run was) and
              its weights loaded: apply(model) and load_state_dict(state), in either order; or
              (b) the original dense model: load_state_dict(state) THEN apply(model), which compacts the
@@ -47,19 +49,20 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor, nn
 
 from lmprune.errors import UserError
-from lmprune.pruning.compaction import (
+from lmprune.pruning.ffn.compaction import (
     MakeOptimizer,
     compact_ffn,
     ffn_blocks,
     neuron_params,
     prepare_model_for_resume,
 )
-from lmprune.pruning.importance import SensitivityEMA, magnitude_scores, random_scores
+from lmprune.pruning.ffn.importance import SensitivityEMA, magnitude_scores, random_scores
 from lmprune.pruning.surgery import count_parameters
-from lmprune.schedules import cubic_fraction
+from lmprune.pruning.hooks import StepEvents
+from lmprune.schedules import cubic_ramp
 
 __all__ = [
-    "FFNPruneConfig", "FFNPruner", "compact_ffn", "cubic_fraction", "ffn_blocks", "min_kept_width",
+    "FFNPruneConfig", "FFNPruner", "compact_ffn", "ffn_blocks", "min_kept_width",
     "prepare_model_for_resume", "prune_lowest_global", "prune_lowest_per_layer", "resolve_target_width",
     "validate_window",
 ]
@@ -242,6 +245,7 @@ class FFNPruner:
         if cfg.compact and make_optimizer is None:
             raise ValueError("FFNPruner with compact=True needs make_optimizer to rebuild the optimizer")
         self.cfg = cfg
+        self.export_patterns = None  # structured: no per-weight sparsity to export
         self.make_optimizer = make_optimizer
         self.keep_mask: Tensor | None = None
         self.target_width = 0
@@ -258,7 +262,6 @@ class FFNPruner:
         self._kept_total = 0
         self._param_count = 0  # parameters of the model as it is (dense or compacted)
         self._params_per_neuron = 0
-        self._step_flags: dict[str, bool] = {}
 
     # ---- setup and state ------------------------------------------------------------------
     def apply(self, model: nn.Module) -> None:
@@ -384,18 +387,17 @@ class FFNPruner:
                     param.grad.index_fill_(axis, pruned, 0.0)
 
     @torch.no_grad()
-    def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                             step: int) -> torch.optim.Optimizer:
-        """Update masks on schedule, re-zero pruned weights, compact after the final update."""
+    def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> StepEvents:
+        """Update masks on schedule and re-zero pruned weights; ask for compaction after the final update."""
         self._check_ready()
-        self._step_flags = {}
         if self.compacted:
-            return optimizer
+            return StepEvents()
         cfg = self.cfg
+        mask_updated = False
         if not self.finished and step >= cfg.start_step and (
                 (step - cfg.start_step) % cfg.prune_every == 0 or step >= cfg.end_step):
-            if self._update_masks(step):
-                self._step_flags["mask_update"] = True
+            mask_updated = self._update_masks(step)
+            if mask_updated:
                 self._zero_pruned_moments(optimizer)
             self.last_mask_update_step = step
             if step >= cfg.end_step:
@@ -404,12 +406,17 @@ class FFNPruner:
         for block, pruned in self._with_pruned():
             for param, axis in neuron_params(block):
                 param.index_fill_(axis, pruned, 0.0)
-        if self.finished and cfg.compact:
-            optimizer = compact_ffn(model, self.keep_mask, optimizer, self.make_optimizer)
-            self.compacted = True
-            self._param_count = count_parameters(model)
-            self._refresh_indices()
-            self._step_flags["compacted"] = True
+        return StepEvents(mask_updated=mask_updated, compact=self.finished and cfg.compact)
+
+    def compact(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Slice the model and the AdamW moments to the kept neurons; the new optimizer (same hyper-parameters)."""
+        self._check_ready()
+        if not self.finished or self.compacted:
+            raise RuntimeError("FFNPruner.compact: only once, after the final mask update")
+        optimizer = compact_ffn(model, self.keep_mask, optimizer, self.make_optimizer)
+        self.compacted = True
+        self._param_count = count_parameters(model)
+        self._refresh_indices()
         return optimizer
 
     def _update_masks(self, step: int) -> bool:
@@ -420,7 +427,7 @@ class FFNPruner:
         if step >= cfg.end_step:  # the final update reaches the target exactly
             per_layer, total = final_pruned, final_pruned * layers
         else:
-            fraction = cubic_fraction(step, cfg.start_step, cfg.span_steps, final_pruned / width)
+            fraction = cubic_ramp(step, cfg.start_step, cfg.span_steps, 0.0, final_pruned / width)
             per_layer = min(round(fraction * width), final_pruned)
             total = min(round(fraction * width * layers), final_pruned * layers)
         goal = per_layer * layers if cfg.ranking == "per_layer" else total
@@ -462,16 +469,14 @@ class FFNPruner:
 
     # ---- reporting ------------------------------------------------------------------------
     def metrics(self) -> dict[str, float | int | bool]:
-        """pruned_fraction, ffn_width (mean kept), params (not counting pruned neurons); mask_update /
-        compacted: True on the steps where they happened."""
+        """pruned_fraction, ffn_width (mean kept), params (not counting pruned neurons)."""
         if self.keep_mask is None or self._deferred_error is not None:
             return {}
         layers, width = self.keep_mask.shape
         masked_present = 0 if self.compacted else self.keep_mask.numel() - self._kept_total
         return {"pruned_fraction": 1.0 - self._kept_total / (layers * width),
                 "ffn_width": self._kept_total / layers,
-                "params": self._param_count - masked_present * self._params_per_neuron,
-                **self._step_flags}
+                "params": self._param_count - masked_present * self._params_per_neuron}
 
     def importance_state_bytes(self) -> int:
         """Bytes held by the importance state now (allocated at apply(), freed after the final update)."""

@@ -20,7 +20,6 @@ right architecture from a compact file.
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,8 +30,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lmprune.atomic import atomic_file
 from lmprune.errors import UserError
-from lmprune.pruning.masks import DEFAULT_PATTERNS, name_matches
+from lmprune.pruning.sparse.masks import DEFAULT_PATTERNS, name_matches
 
 COMPACT_FILENAME = "model.sparse.safetensors"
 FORMAT_NAME = "lmprune-sparse-bitmask"
@@ -125,9 +125,8 @@ def save_compact(model_or_state_dict: nn.Module | Mapping[str, Tensor], out_dir:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / COMPACT_FILENAME
-    partial = out_dir / (COMPACT_FILENAME + ".partial")
-    save_file(tensors, str(partial), metadata=metadata)
-    os.replace(partial, path)  # a reader never sees a half-written file
+    with atomic_file(path, "wb") as handle:  # a reader never sees a half-written file
+        save_file(tensors, handle.name, metadata=metadata)  # save_file takes a name: the temp file's
     return path
 
 

@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lmprune.errors import UserError
-from lmprune.pruning.sparse_export import COMPACT_FILENAME, file_sizes, load_compact, load_compact_into, save_compact
-from lmprune.pruning.masks import DEFAULT_PATTERNS, apply_masks_, magnitude_keep_masks, prunable_parameters
+from lmprune.pruning.sparse.export import COMPACT_FILENAME, file_sizes, load_compact, load_compact_into, save_compact
+from lmprune.pruning.sparse.masks import DEFAULT_PATTERNS, apply_masks_, magnitude_keep_masks, prunable_parameters
 
 torch.set_num_threads(1)
 

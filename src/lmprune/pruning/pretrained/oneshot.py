@@ -1,8 +1,10 @@
-"""One-shot structured pruning of pretrained Llama-family HF causal LMs (DESIGN.md system S5).
+"""One-shot structured pruning of pretrained Llama-family HF causal LMs.
+
+Formulas: docs/algorithms.md, "One-shot pruning of pretrained models".
 
 Pipeline (`prune_model`): validate the request and plan the widths -> one calibration pass that keeps
 per-channel statistics only (`calibration.collect_stats`) -> score FFN neurons / GQA groups / decoder
-layers with one criterion from `FFN_CRITERIA` / `HEAD_CRITERIA` (in `lmprune.pruning.calibration`,
+layers with one criterion from `FFN_CRITERIA` / `HEAD_CRITERIA` (in `lmprune.pruning.pretrained.calibration`,
 re-exported here) and block importance -> physical surgery
 (`lmprune.pruning.surgery`), giving a smaller dense model that plain `AutoModelForCausalLM` loads.
 
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 
 from lmprune.errors import UserError
-from lmprune.pruning.calibration import (
+from lmprune.pruning.pretrained.calibration import (
     CRITERION_NEEDS,
     FFN_CRITERIA,
     HEAD_CRITERIA,
@@ -376,6 +378,12 @@ def prune_model(
     stats = collect_stats(model, calib_batches, needs) if needs else CalibStats()
     selection = _select(model, plan, stats, criterion)
     _apply_(model, selection)
+    return _prune_report(model, family, criterion, plan, stats, selection, round_to)
+
+
+def _prune_report(model: nn.Module, family: str, criterion: str, plan: PrunePlan, stats: CalibStats,
+                  selection, round_to: int) -> dict[str, Any]:
+    """The JSON-serialisable before/after record of one `prune_model` call."""
     heads_per_group = plan.num_heads // plan.kv_groups
     return {
         "family": family,

@@ -111,16 +111,6 @@ def apply_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
     zero_pruned_params_(masked_parameters(model, masks), masks)
 
 
-def mask_grads_(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
-    """Zero the gradients of pruned weights (call between backward and the optimizer step)."""
-    zero_pruned_grads_(masked_parameters(model, masks), masks)
-
-
-def mask_optimizer_state_(model: nn.Module, optimizer: torch.optim.Optimizer, masks: Mapping[str, Tensor]) -> None:
-    """Zero the optimizer moments of pruned weights, so stale momentum cannot move them."""
-    zero_pruned_moments_(optimizer, masked_parameters(model, masks), masks)
-
-
 def zero_fraction(weights: Mapping[str, Tensor] | Sequence[Tensor]) -> float:
     """Exact fraction of entries equal to zero over all given tensors."""
     tensors = list(weights.values()) if isinstance(weights, Mapping) else list(weights)
@@ -292,3 +282,28 @@ def checked_masks(params: Mapping[str, Tensor], keep: Mapping[str, Tensor]) -> d
             raise UserError(f"pruning mask {name!r} has shape {tuple(keep[name].shape)}, parameter {tuple(p.shape)}")
         out[name] = keep[name].to(p.device)
     return out
+
+
+# ----------------------------------------------------------------------------- config checks shared by the methods
+
+def check_patterns(patterns: list[str]) -> list[str]:
+    """A pydantic field check: a non-empty list of non-empty regexes/globs."""
+    if not patterns or any(not isinstance(p, str) or not p.strip() for p in patterns):
+        raise ValueError(f"patterns must be a non-empty list of non-empty regexes/globs, got {patterns!r}")
+    return patterns
+
+
+def check_nm(nm: str | None) -> str | None:
+    """A pydantic field check: None or 'N:M'."""
+    if nm is not None:
+        parse_nm(nm)
+    return nm
+
+
+def check_sparsities(section: str, s_i: float, s_f: float) -> None:
+    """ValueError unless 0 <= s_i <= s_f < 1."""
+    for name, value in (("s_i", s_i), ("s_f", s_f)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{section}.{name} must be in [0, 1), got {value}")
+    if s_i > s_f:
+        raise ValueError(f"{section}.s_i ({s_i}) must be <= {section}.s_f ({s_f})")

@@ -11,13 +11,9 @@ tokenizer + prune_report.json, the report last). The pieces (`calibration_batche
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +24,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from lmprune.atomic import atomic_dir, write_json
 from lmprune.data import PreparedData, ensure_prepared, load_hf_tokenizer
 from lmprune.loader import val_batches
 from lmprune.errors import UserError
 from lmprune.evaluate import evaluate_loss, forward_throughput
-from lmprune.models import check_model_dir, count_params, load_hf_model
-from lmprune.pruning.oneshot import FFN_CRITERIA, PrunePlan, plan_pruning, prune_model, solve_for_target_params
-from lmprune.pruning.surgery import FAMILIES
+from lmprune.models import check_model_dir, load_hf_model
+from lmprune.pruning.pretrained.oneshot import FFN_CRITERIA, PrunePlan, plan_pruning, prune_model, solve_for_target_params
+from lmprune.pruning.surgery import FAMILIES, count_parameters
 from lmprune.sources import DTYPES, resolve_model
 
 REPORT_FILE = "prune_report.json"
@@ -238,7 +235,7 @@ def measure(model: torch.nn.Module, val_tokens: np.ndarray, batch_size: int, eva
     seq_len = min(THROUGHPUT_SEQ_LEN, eval_seq_len)
     tok_per_s = forward_throughput(model, model.config.vocab_size, THROUGHPUT_BATCH, seq_len, device,
                                    repeats=3, dtype=dtype)
-    return {"params": count_params(model), "loss": loss, "ppl": math.exp(loss), "eval_tokens": tokens,
+    return {"params": count_parameters(model), "loss": loss, "ppl": math.exp(loss), "eval_tokens": tokens,
             "tok_per_s": tok_per_s}
 
 
@@ -265,19 +262,9 @@ def save_pruned(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_
                 overwrite: bool) -> None:
     """Write model + tokenizer + prune_report.json (last) to a staging dir, then rename it to out_dir."""
     check_out_dir(out_dir, overwrite)  # again: the dir may have changed during a long run
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; the output is an ordinary model dir
+    # replace: check_out_dir allowed only an empty dir or (with overwrite) an earlier prune output
+    with atomic_dir(out_dir, replace=True) as staging:
+        os.chmod(staging, 0o755)  # an ordinary model dir, whatever the umask (as before)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        retired = None
-        if out_dir.exists():
-            retired = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out_dir, retired)
-        os.rename(staging, out_dir)
-        if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
+        write_json(staging / REPORT_FILE, report, sort_keys=False)  # last

@@ -1,0 +1,204 @@
+"""One training step: the seam every pruning method, the loop, the tests and the benchmarks share.
+
+`train_step(trainer, state)` runs one optimizer step and makes the method's calls at their fixed
+places (see `lmprune.pruning.hooks`):
+
+    [KD teacher snapshot, at the plan's kd_start]
+    forward (autocast) + backward (outside autocast), for each micro-batch
+    hook.after_backward          gradients present, before clipping
+    clip_grad_norm_, optimizer.step(), zero_grad
+    hook.after_optimizer_step -> StepEvents
+    if events.compact: trainer.optimizer = hook.compact(...); trainer.rewrap()   (DDP, compile, FLOPs)
+
+It syncs nothing to the host: the returned loss and grad norm are device tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from lmprune.config import TrainConfig
+from lmprune.distill import Distiller
+from lmprune.loader import TokenLoader
+from lmprune.models import forward_flops_per_token
+from lmprune.optim import set_lr
+from lmprune.pipelines import Plan
+from lmprune.pruning.hooks import NO_EVENTS, StepEvents, TrainingHook
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint (trainer_state.json) and restored on resume."""
+
+    loader: TokenLoader
+    """The training batches; its position (epoch, batch) is part of the state."""
+    step: int = 0
+    """Optimizer steps done."""
+    tokens: int = 0
+    """Training tokens seen (all ranks)."""
+    flops: float = 0.0
+    """Training FLOPs spent (3x forward of the model as it was at each step, plus the KD teacher)."""
+    tok_per_s_sum: float = 0.0
+    """Sum of per-step tokens/s over timed steps (the first step of a process carries warm-up costs)."""
+    timed_steps: int = 0
+    """Steps counted in tok_per_s_sum."""
+
+    @property
+    def train_tok_per_s(self) -> float:
+        return self.tok_per_s_sum / max(1, self.timed_steps)
+
+    def record_speed(self, tokens: int, seconds: float) -> None:
+        self.tok_per_s_sum += tokens / seconds
+        self.timed_steps += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "train_flops": self.flops,
+                "loader": self.loader.state_dict(),
+                "timing": {"tok_per_s_sum": self.tok_per_s_sum, "timed_steps": self.timed_steps}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens, self.flops = int(state["step"]), int(state["tokens"]), float(state["train_flops"])
+        self.loader.load_state_dict(state["loader"])
+        timing = state.get("timing", {})  # absent in checkpoints of earlier versions
+        self.tok_per_s_sum = float(timing.get("tok_per_s_sum", 0.0))
+        self.timed_steps = int(timing.get("timed_steps", 0))
+
+
+@dataclass
+class Trainer:
+    """Everything one step needs. `model` is the plain module; `forward` is what the step calls
+    (DDP-wrapped and/or compiled); `rewrap()` rebuilds those after the parameters change."""
+
+    tcfg: TrainConfig
+    plan: Plan
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: TokenLoader
+    device: torch.device
+    info: Dist = field(default_factory=Dist)
+    hook: TrainingHook | None = None
+    distiller: Distiller | None = None
+    teacher_dir: Path | None = None
+    """Where rank 0 saves the KD teacher snapshot (None: not saved)."""
+    wrapped: nn.Module | None = None
+    forward: Callable[..., Any] | None = None
+    step_flops: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.rewrap()
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.tcfg.batch_size * self.tcfg.seq_len * self.tcfg.grad_accum * self.info.world_size
+
+    def rewrap(self) -> None:
+        """DDP, torch.compile and the FLOP count follow the current parameters (after compaction too)."""
+        self.wrapped = wrap_ddp(self.model, self.info, self.device)
+        self.forward = torch.compile(self.wrapped) if self.tcfg.compile else self.wrapped
+        self.count_flops()
+
+    def count_flops(self) -> None:
+        self.step_flops = step_flops_of(self.model, self.distiller, self.tcfg.seq_len, self.tokens_per_step)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    """Mean loss over the micro-batches (device tensor: reading it syncs)."""
+    grad_norm: torch.Tensor
+    """Global gradient norm before clipping."""
+    lr: float
+    events: StepEvents
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # logits [B, T, V] -> mean next-token cross entropy in fp32
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+def train_step(trainer: Trainer, state: TrainState) -> StepOutput:
+    """One optimizer step at `state.step`; advances `state` (step, tokens, FLOPs, loader)."""
+    tcfg, step, hook = trainer.tcfg, state.step, trainer.hook
+    if trainer.distiller is not None and trainer.distiller.teacher is None and step == trainer.plan.kd_start:
+        # KD teacher = the enlarged model as it is when pruning starts
+        trainer.distiller.snapshot_teacher(trainer.model, trainer.teacher_dir if trainer.info.is_main else None)
+        trainer.count_flops()
+    lr = trainer.plan.lr_at(step, tcfg.lr, tcfg.lr_end, tcfg.warmup)
+    set_lr(trainer.optimizer, lr)
+    trainer.wrapped.train()
+    loss_sum = forward_backward(trainer, step)
+    if hook is not None:
+        hook.after_backward(trainer.model, step)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), tcfg.grad_clip or float("inf"))
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.tokens += trainer.tokens_per_step
+    state.flops += trainer.step_flops  # the model as it was during this step
+    events = hook.after_optimizer_step(trainer.model, trainer.optimizer, step) if hook is not None else NO_EVENTS
+    if events.compact:
+        trainer.optimizer = hook.compact(trainer.model, trainer.optimizer)
+        trainer.rewrap()
+    return StepOutput(loss_sum / tcfg.grad_accum, grad_norm, lr, events)
+
+
+def forward_backward(trainer: Trainer, step: int) -> torch.Tensor:
+    """Forward under autocast, backward outside it, over the step's micro-batches; the summed loss."""
+    tcfg, device = trainer.tcfg, trainer.device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.dtype == "bf16")
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(tcfg.grad_accum):
+        x, y = trainer.loader.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        last = micro == tcfg.grad_accum - 1
+        # DDP all-reduces gradients only on the last micro-batch
+        with trainer.wrapped.no_sync() if trainer.info.world_size > 1 and not last else nullcontext():
+            with autocast:
+                logits = trainer.forward(input_ids=x).logits
+                loss = lm_loss(logits, y)
+                if trainer.distiller is not None:
+                    loss = trainer.distiller.mix_loss(loss, logits, x, step)
+            (loss / tcfg.grad_accum).backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+def step_flops_of(model: nn.Module, distiller: Distiller | None, seq_len: int, tokens: int) -> float:
+    """Training FLOPs of one step: 3x the student's forward, plus the teacher's forward under KD."""
+    flops = 3 * forward_flops_per_token(model, seq_len)
+    if distiller is not None and distiller.teacher is not None:
+        flops += forward_flops_per_token(distiller.teacher, seq_len)
+    return flops * tokens
+
+
+def wrap_ddp(model: nn.Module, info: Dist, device: torch.device) -> nn.Module:
+    if info.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
