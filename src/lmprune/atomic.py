@@ -29,12 +29,14 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["sha256_file", "fsync_dir", "atomic_file", "write_text", "write_json", "atomic_dir", "remove_tree"]
+__all__ = ["sha256_file", "fsync_dir", "atomic_file", "write_text", "write_json", "atomic_dir", "remove_tree",
+           "remove_stale_leftovers", "disk_full_is_user_error", "pid_alive"]
 
 _BLOCK = 1 << 20  # 1 MiB
 
@@ -201,3 +203,59 @@ def remove_tree(path: str | Path) -> None:
     os.rename(path, doomed)
     fsync_dir(path.parent)
     shutil.rmtree(doomed)
+
+
+# ----------------------------------------------------------------------------- leftovers and full disks
+
+_LEFTOVER = re.compile(r"^\..+\.(?:tmp|old|deleting)-(\d+)$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_leftovers(directory: str | Path) -> list[Path]:
+    """Delete the `.{name}.tmp-PID` / `.old-PID` / `.deleting-PID` entries of dead processes in
+    `directory` (not recursive); returns what was removed. Entries of live pids are kept."""
+    directory, removed = Path(directory), []
+    if not directory.is_dir():
+        return removed
+    for entry in sorted(directory.iterdir()):
+        match = _LEFTOVER.match(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                _remove(entry)
+                removed.append(entry)
+    return removed
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)  # safetensors (Rust) reports I/O errors as text
+    return "No space left on device" in text or "StorageFull" in text or "os error 28" in text
+
+
+@contextlib.contextmanager
+def disk_full_is_user_error(target: str | Path) -> Iterator[None]:
+    """Turn "no space left on device" while writing `target` into one UserError line (exit 2)."""
+    from lmprune.errors import UserError
+
+    try:
+        yield
+    except Exception as error:
+        if not _is_disk_full(error):
+            raise
+        where = Path(target).parent
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        free = shutil.disk_usage(where).free / 2**20
+        raise UserError(f"no space left on device while writing {target} ({free:,.1f} MiB free on {where}); "
+                        "the previous version is intact: free space and run again (--resume)") from None

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from lmprune import atomic
-from lmprune.errors import UserError
+from lmprune.errors import NonFiniteError, UserError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -100,14 +100,36 @@ def join_state(tensors: dict[str, torch.Tensor], meta: dict, prefix: str) -> dic
 def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict, run_config: dict, pruner_state: dict[str, Any] | None,
                     keep_last: int) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep_last` complete ones."""
+    """Write checkpoint `step` atomically, then delete all but the newest `keep_last` complete ones.
+
+    NonFiniteError (nothing written) when a weight or optimizer moment is NaN / inf; UserError (the
+    previous checkpoints intact) when the disk is full.
+    """
+    opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+    check_finite(model.state_dict().items(), f"checkpoint step {step}: weight")
+    check_finite(opt_tensors.items(), f"checkpoint step {step}: optimizer state")
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / step_dir_name(step)
+    with atomic.disk_full_is_user_error(final):
+        _write_step_dir(final, step, model, opt_tensors, opt_meta, trainer_state, run_config, pruner_state)
+    for old in complete_checkpoints(ckpt_root, verify=False)[:-keep_last]:
+        atomic.remove_tree(old)
+    return final
+
+
+def check_finite(named_tensors, what: str) -> None:
+    """NonFiniteError naming the first floating tensor holding NaN or inf."""
+    for name, tensor in named_tensors:
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"{what} {name} is not finite (NaN or inf); refusing to write it")
+
+
+def _write_step_dir(final: Path, step: int, model: torch.nn.Module, opt_tensors: dict, opt_meta: dict,
+                    trainer_state: dict, run_config: dict, pruner_state: dict[str, Any] | None) -> None:
     # replace: a re-save of the same step (e.g. resumed at the end) replaces it whole
     with atomic.atomic_dir(final, replace=True) as tmp:
         save_model(model, str(tmp / "model.safetensors"))  # handles tied (shared) tensors
         atomic.write_json(tmp / "model_config.json", model.config.to_dict())
-        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         atomic.write_json(tmp / "optimizer.json", opt_meta)
         extra_tensors, rng_meta = capture_rng()
@@ -120,9 +142,6 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
         files = {p.name: {"sha256": atomic.sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         atomic.write_json(tmp / MANIFEST, {"format": FORMAT_VERSION, "step": step, "files": files})  # last
     # atomic_dir fsynced every file and the dir before the rename, and the root after it
-    for old in complete_checkpoints(ckpt_root, verify=False)[:-keep_last]:
-        atomic.remove_tree(old)
-    return final
 
 
 def checkpoint_problem(path: Path, verify: bool = True) -> str | None:
@@ -130,10 +149,8 @@ def checkpoint_problem(path: Path, verify: bool = True) -> str | None:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         return "no manifest (incomplete write)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    files = _manifest_files(manifest_path)
+    if files is None:
         return "unreadable manifest"
     for name, info in files.items():
         file = path / name
@@ -144,6 +161,22 @@ def checkpoint_problem(path: Path, verify: bool = True) -> str | None:
         if verify and atomic.sha256_file(file) != info["sha256"]:
             return f"{name} is corrupted (checksum mismatch)"
     return None
+
+
+def _manifest_files(manifest_path: Path) -> dict[str, dict] | None:
+    """The manifest's {file name: {"sha256", "bytes"}}, None unless it is well formed (names are plain
+    file names inside the step dir; sizes ints; checksums strings)."""
+    try:
+        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    if not isinstance(files, dict):
+        return None
+    for name, info in files.items():
+        if (Path(name).name != name or name in ("", ".", "..") or not isinstance(info, dict)
+                or not isinstance(info.get("bytes"), int) or not isinstance(info.get("sha256"), str)):
+            return None
+    return files
 
 
 def complete_checkpoints(ckpt_root: Path, verify: bool = True) -> list[Path]:

@@ -7,17 +7,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
 
-from lmprune.errors import UserError
+from lmprune.errors import Interrupted, NonFiniteError, UserError
 from lmprune.lm_tasks import add_task_args
 from lmprune.prune_cmd import add_prune_parser
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
     return f"lmprune: warning: {message}\n"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line and exit code 2, like every other bad input (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"lmprune: error: {message} (see: {self.prog} --help)\n")
+
+
+def check_device(name: str) -> str:
+    """UserError unless `name` is a torch device this machine has."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device (use cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: lmprune runs on cpu or cuda")
+    return name
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -76,6 +101,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.max_tokens <= 0:
         raise UserError(f"--max-tokens must be > 0, got {args.max_tokens}")
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size must be > 0, got {args.batch_size}")
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise UserError(f"--seq-len must be > 0, got {args.seq_len}")
+    check_device(args.device)
     if args.tasks:
         parse_task_names(args.tasks)  # bad task names fail before the perplexity pass
     model_dir = resolve_model(args.model_dir)
@@ -92,6 +122,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result["forward_tok_per_s"] = forward_throughput(model, model.config.vocab_size, args.batch_size,
                                                          result["seq_len"], torch.device(args.device),
                                                          dtype=args.dtype)
+    if not math.isfinite(result["loss"]):
+        raise NonFiniteError(f"{result['model']}: the val loss is {result['loss']} (the model's outputs are not "
+                             "finite); no perplexity to report")
     if args.tasks:
         result["tasks"] = run_tasks_from_args(args, model_dir)
     if args.json:
@@ -108,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmprune", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="lmprune", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("prepare", help="tokenize a corpus into train/val token shards")
@@ -164,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"lmprune: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"lmprune: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except Interrupted as stop:
+        print(f"lmprune: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("lmprune: interrupted", file=sys.stderr)
         return 130

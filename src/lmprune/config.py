@@ -8,6 +8,7 @@ reported as one line before any work starts.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -75,6 +76,10 @@ class ModelConfig(Section):
     def _check(self) -> "ModelConfig":
         if self.preset is None and self.path is None:
             raise ValueError("model needs a `preset` or a `path`")
+        if not 0.0 < self.init_std <= 1.0:
+            raise ValueError(f"model.init_std must be in (0, 1], got {self.init_std} (larger weights overflow)")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ValueError(f"model.rope_theta must be a finite number > 0, got {self.rope_theta}")
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                      "max_position_embeddings"):
             value = getattr(self, name)
@@ -132,10 +137,16 @@ class TrainConfig(Section):
     """Length of the sample generation printed at the end (0 = none)."""
     export_sparse: bool = False
     """Also write OUT/final-sparse/: bitmask + nonzero values (safetensors) of the pruned matrices."""
+    max_skipped_steps: int = 5
+    """A step whose loss or gradient is not finite is skipped (no update); this many in a row stop the run
+    (exit code 3) with its newest checkpoint holding the last finite state."""
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_tokens", "log_every")
+        for name in ("lr", "lr_end", "weight_decay", "beta1", "beta2", "eps", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"train.{name} must be a finite number, got {getattr(self, name)}")
+        positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_tokens", "log_every", "max_skipped_steps")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)}")

@@ -24,7 +24,9 @@ def save_figure(fig, path: str | Path, dpi: int) -> None:
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from lmprune.run_dir import read_rows  # a torn last line (killed run) is dropped with a warning
+
+    return read_rows(path)
 
 
 def plot_training(metrics_path: Path, png_path: Path) -> Path | None:

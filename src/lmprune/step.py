@@ -5,12 +5,15 @@ places (see `lmprune.pruning.hooks`):
 
     [KD teacher snapshot, at the plan's kd_start]
     forward (autocast) + backward (outside autocast), for each micro-batch
-    hook.after_backward          gradients present, before clipping
-    clip_grad_norm_, optimizer.step(), zero_grad
-    hook.after_optimizer_step -> StepEvents
+    loss and gradients finite?   (all ranks agree; one host sync)
+      yes: hook.after_backward   gradients present, before clipping
+           clip_grad_norm_, optimizer.step()
+      no:  the step is skipped: weights, AdamW moments and the method's statistics stay untouched
+    zero_grad
+    hook.after_optimizer_step -> StepEvents   (also on a skipped step, so no scheduled update is lost)
     if events.compact: trainer.optimizer = hook.compact(...); trainer.rewrap()   (DDP, compile, FLOPs)
 
-It syncs nothing to the host: the returned loss and grad norm are device tensors.
+The finiteness check is the step's one host sync; the returned loss and grad norm stay device tensors.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ class TrainState:
     """Sum of per-step tokens/s over timed steps (the first step of a process carries warm-up costs)."""
     timed_steps: int = 0
     """Steps counted in tok_per_s_sum."""
+    skipped_in_a_row: int = 0
+    """Consecutive steps skipped for a non-finite loss or gradient (0 after a good step)."""
 
     @property
     def train_tok_per_s(self) -> float:
@@ -80,7 +85,8 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "train_flops": self.flops,
                 "loader": self.loader.state_dict(),
-                "timing": {"tok_per_s_sum": self.tok_per_s_sum, "timed_steps": self.timed_steps}}
+                "timing": {"tok_per_s_sum": self.tok_per_s_sum, "timed_steps": self.timed_steps},
+                "skipped_in_a_row": self.skipped_in_a_row}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens, self.flops = int(state["step"]), int(state["tokens"]), float(state["train_flops"])
@@ -88,6 +94,7 @@ class TrainState:
         timing = state.get("timing", {})  # absent in checkpoints of earlier versions
         self.tok_per_s_sum = float(timing.get("tok_per_s_sum", 0.0))
         self.timed_steps = int(timing.get("timed_steps", 0))
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
 
 
 @dataclass
@@ -135,6 +142,8 @@ class StepOutput:
     """Global gradient norm before clipping."""
     lr: float
     events: StepEvents
+    skipped: bool = False
+    """The loss or a gradient was not finite: no optimizer step was taken."""
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -153,11 +162,15 @@ def train_step(trainer: Trainer, state: TrainState) -> StepOutput:
     set_lr(trainer.optimizer, lr)
     trainer.wrapped.train()
     loss_sum = forward_backward(trainer, step)
-    if hook is not None:
-        hook.after_backward(trainer.model, step)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), tcfg.grad_clip or float("inf"))
-    trainer.optimizer.step()
+    finite = loss_and_grads_finite(trainer, loss_sum)
+    grad_norm = torch.full((), float("nan"))
+    if finite:
+        if hook is not None:
+            hook.after_backward(trainer.model, step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), tcfg.grad_clip or float("inf"))
+        trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
+    state.skipped_in_a_row = 0 if finite else state.skipped_in_a_row + 1
     state.step += 1
     state.tokens += trainer.tokens_per_step
     state.flops += trainer.step_flops  # the model as it was during this step
@@ -165,7 +178,20 @@ def train_step(trainer: Trainer, state: TrainState) -> StepOutput:
     if events.compact:
         trainer.optimizer = hook.compact(trainer.model, trainer.optimizer)
         trainer.rewrap()
-    return StepOutput(loss_sum / tcfg.grad_accum, grad_norm, lr, events)
+    return StepOutput(loss_sum / tcfg.grad_accum, grad_norm, lr, events, skipped=not finite)
+
+
+def loss_and_grads_finite(trainer: Trainer, loss_sum: torch.Tensor) -> bool:
+    """Whether this step's loss and every gradient are finite, on every rank (a MAX all-reduce)."""
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    bad = ~torch.isfinite(loss_sum)
+    if grads:
+        norms = torch._foreach_norm(grads)  # one fused pass; inf/NaN propagate into the norms
+        bad = bad | ~torch.isfinite(torch.stack([n.float() for n in norms]).sum())
+    flag = bad.to(torch.int64).view(1)
+    if trainer.info.world_size > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) == 0
 
 
 def forward_backward(trainer: Trainer, step: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from lmprune.atomic import write_json
 from lmprune.config import RunConfig
 from lmprune.data import PreparedData, ensure_prepared
 from lmprune.distill import Distiller
-from lmprune.errors import UserError
+from lmprune.errors import Interrupted, NonFiniteError, UserError
 from lmprune.evaluate import evaluate_loss
 from lmprune.loader import TokenLoader
 from lmprune.models import build_model, generate_sample, llama_config, load_hf_model
@@ -38,7 +39,8 @@ from lmprune.pruning.sparse.export import file_sizes
 from lmprune.pruning.sparse.masks import DEFAULT_PATTERNS, prunable_parameters, zero_fraction
 from lmprune.pruning.surgery import count_parameters
 from lmprune.report import plot_training
-from lmprune.run_dir import MetricsLog, check_out_dir, export_final
+from lmprune.run_dir import MetricsLog, RunLock, check_out_dir, clean_leftovers, export_final
+from lmprune.signals import StopRequests
 from lmprune.sources import resolve_model
 from lmprune.step import Dist, Trainer, TrainState, train_step
 
@@ -70,13 +72,18 @@ class Run:
     out_dir: Path
     metrics: MetricsLog
     run_config: dict
+    lock: RunLock
+    """Held (by rank 0) for the life of the run."""
 
 
 def train(cfg: RunConfig, out_dir: Path, resume: bool = False, quiet: bool = False) -> TrainResult:
     """Run (or resume) training as configured; returns the final evaluation."""
     run = setup_run(cfg, out_dir, resume)
-    final_val_loss = fit(run, quiet)
-    return finish(run, final_val_loss)
+    try:
+        final_val_loss = fit(run, quiet)
+        return finish(run, final_val_loss)
+    finally:
+        run.lock.release()
 
 
 # ----------------------------------------------------------------------------- setup
@@ -100,13 +107,32 @@ def init_distributed(device_pref: str) -> tuple[Dist, torch.device]:
 
 def setup_run(cfg: RunConfig, out_dir: Path, resume: bool = False) -> Run:
     """Everything that can fail on user input, before the first step: config, out dir, checkpoint,
-    data, model, method, optimizer, teacher. Writes OUT/run_config.json last."""
+    data, model, method, optimizer, teacher. Rank 0 holds OUT's lock from here on; if setup fails,
+    --out is left as it was found (no run_config.json, no lock file, no dir it created)."""
     plan = validate_run(cfg)
+    info, device = init_distributed(cfg.train.device)
+    lock = RunLock(out_dir)
+    if info.is_main:
+        lock.acquire()
+    try:
+        run = _setup_locked(cfg, plan, out_dir, resume, info, device, lock)
+    except BaseException:
+        lock.release(cleanup=True)
+        raise
+    if info.is_main:
+        write_json(out_dir / "run_config.json", run.run_config)  # last: the run can start
+    info.barrier()
+    return run
+
+
+def _setup_locked(cfg: RunConfig, plan: Plan, out_dir: Path, resume: bool, info: Dist, device: torch.device,
+                  lock: RunLock) -> Run:
     tcfg, run_config = cfg.train, cfg.model_dump(mode="json")
-    info, device = init_distributed(tcfg.device)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     check_out_dir(out_dir, run_config, resume)
+    if info.is_main:
+        clean_leftovers(out_dir)
     resume_from = find_resume_checkpoint(out_dir / "checkpoints") if resume else None
     data = prepare_data(cfg, info)
     model = make_model(cfg, plan, data, resume_from).to(device)
@@ -119,14 +145,10 @@ def setup_run(cfg: RunConfig, out_dir: Path, resume: bool = False) -> Run:
     if resume_from is not None:
         restore_checkpoint(resume_from, optimizer, hook, state)
     distiller = make_distiller(cfg, plan, out_dir, state.step, device, model)
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / "run_config.json", run_config)
-    info.barrier()
     trainer = Trainer(tcfg, plan, model, optimizer, state.loader, device, info, hook, distiller,
                       teacher_dir=out_dir / "teacher")
-    return Run(cfg, trainer, state, data, out_dir, MetricsLog(out_dir / "metrics.jsonl", info.is_main, state.step),
-               run_config)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", info.is_main, state.step)
+    return Run(cfg, trainer, state, data, out_dir, metrics, run_config, lock)
 
 
 def find_resume_checkpoint(ckpt_root: Path) -> Path | None:
@@ -220,46 +242,72 @@ def make_distiller(cfg: RunConfig, plan: Plan, out_dir: Path, start_step: int, d
 # ----------------------------------------------------------------------------- the loop
 
 def fit(run: Run, quiet: bool = False) -> float | None:
-    """Train from `run.state.step` to train.steps; the val loss of the last step (None if none ran)."""
+    """Train from `run.state.step` to train.steps; the val loss of the last step (None if none ran).
+
+    SIGTERM / SIGINT end it after the step in flight with a checkpoint (`Interrupted`);
+    train.max_skipped_steps non-finite steps in a row end it with `NonFiniteError`."""
     trainer, state, tcfg, plan = run.trainer, run.state, run.cfg.train, run.trainer.plan
     progress = tqdm(total=tcfg.steps, initial=state.step, disable=quiet or not trainer.info.is_main,
                     desc="train", unit="step", dynamic_ncols=True)
     if state.step == 0 and 0 in plan.eval_steps:  # e.g. IMP: the dense start is the curve's first row
         run.metrics.write({"step": 0, "tokens": 0, **val_fields(evaluate(run)), **hook_metrics(trainer)})
     first_step, final_val_loss = state.step, None
-    while state.step < tcfg.steps:
-        t0 = time.perf_counter()
-        out = train_step(trainer, state)
-        train_loss = out.loss.item()  # the .item() syncs, so the timing is honest
-        seconds = time.perf_counter() - t0
-        if state.step > first_step + 1:  # a process's first step carries warm-up costs
-            state.record_speed(trainer.tokens_per_step, seconds)
-        if not math.isfinite(train_loss):
-            raise RuntimeError(f"loss became {train_loss} at step {state.step - 1}; lower train.lr")
+    with StopRequests() as stop:
+        while state.step < tcfg.steps:
+            t0 = time.perf_counter()
+            out = train_step(trainer, state)
+            train_loss = out.loss.item()  # syncs, so the timing is honest
+            seconds = time.perf_counter() - t0
+            if state.step > first_step + 1:  # a process's first step carries warm-up costs
+                state.record_speed(trainer.tokens_per_step, seconds)
 
-        done = state.step
-        last_step = done == tcfg.steps
-        row = None
-        if last_step or done % tcfg.log_every == 0 or out.events.mask_updated:
-            row = {"step": done, "tokens": state.tokens, "loss": round(train_loss, 6), "lr": out.lr,
-                   "grad_norm": round(float(out.grad_norm), 6), "tok_per_s": round(trainer.tokens_per_step / seconds, 1),
-                   **hook_metrics(trainer), **event_flags(out.events)}
-            if trainer.distiller is not None:
-                row.update(trainer.distiller.metrics(done - 1))
-        if plan.evaluates_after(done, tcfg.eval_every, tcfg.steps):
-            row = row or {"step": done, "tokens": state.tokens, "loss": round(train_loss, 6), "lr": out.lr,
-                          **hook_metrics(trainer)}
-            val_loss = evaluate(run)
-            row.update(val_fields(val_loss))
-            final_val_loss = val_loss if last_step else None
-        if row is not None:
-            run.metrics.write(row)
-        progress.update(1)
-        progress.set_postfix(loss=f"{train_loss:.3f}", lr=f"{out.lr:.2e}")
-        if last_step or (tcfg.save_every and done % tcfg.save_every == 0):
-            save_checkpoint(run)
+            done = state.step
+            last_step = done == tcfg.steps
+            row = None
+            if last_step or done % tcfg.log_every == 0 or out.events.mask_updated or out.skipped:
+                row = step_row(run, out, train_loss, seconds)
+            if plan.evaluates_after(done, tcfg.eval_every, tcfg.steps):
+                row = row or {"step": done, "tokens": state.tokens, "loss": finite_or_none(train_loss, 6),
+                              "lr": out.lr, **hook_metrics(trainer)}
+                val_loss = evaluate(run)
+                row.update(val_fields(val_loss))
+                final_val_loss = val_loss if last_step else None
+            if row is not None:
+                run.metrics.write(row)
+            progress.update(1)
+            progress.set_postfix(loss=f"{train_loss:.3f}", lr=f"{out.lr:.2e}")
+            if state.skipped_in_a_row >= tcfg.max_skipped_steps:
+                raise NonFiniteError(f"loss or gradients were not finite for {state.skipped_in_a_row} steps in a "
+                                     f"row (last: step {done}); no update was applied, and the newest checkpoint "
+                                     "holds the last finite state; lower train.lr or raise train.grad_clip")
+            saved = last_step or (tcfg.save_every and done % tcfg.save_every == 0)
+            if saved:
+                save_checkpoint(run)
+            signum = stop.requested(trainer.info.world_size, trainer.device)
+            if signum and not last_step:
+                path = save_checkpoint(run) if not saved else run.out_dir / "checkpoints" / ckpt.step_dir_name(done)
+                raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {done}; "
+                                          f"checkpoint {path}; continue with --resume")
     progress.close()
     return final_val_loss
+
+
+def step_row(run: Run, out, train_loss: float, seconds: float) -> dict:
+    """The metrics.jsonl row of a logged step (non-finite numbers are written as null)."""
+    trainer, state = run.trainer, run.state
+    row = {"step": state.step, "tokens": state.tokens, "loss": finite_or_none(train_loss, 6), "lr": out.lr,
+           "grad_norm": finite_or_none(float(out.grad_norm), 6),
+           "tok_per_s": round(trainer.tokens_per_step / seconds, 1),
+           **hook_metrics(trainer), **event_flags(out.events)}
+    if out.skipped:
+        row["skipped"] = True
+    if trainer.distiller is not None:
+        row.update(trainer.distiller.metrics(state.step - 1))
+    return row
+
+
+def finite_or_none(value: float, digits: int) -> float | None:
+    return round(value, digits) if math.isfinite(value) else None
 
 
 def hook_metrics(trainer: Trainer) -> dict:
@@ -281,14 +329,17 @@ def val_fields(loss: float) -> dict:
     return {"val_loss": round(loss, 6), "val_ppl": round(math.exp(loss), 4)}
 
 
-def save_checkpoint(run: Run) -> None:
+def save_checkpoint(run: Run) -> Path:
+    """Checkpoint the run as it is now (rank 0 writes; every rank waits); its path."""
     trainer = run.trainer
+    root = run.out_dir / "checkpoints"
     if trainer.info.is_main:
         hook_state = trainer.hook.state_dict() if trainer.hook is not None else None
         trainer_state = dict(run.state.state_dict(), world_size=trainer.info.world_size)
-        ckpt.save_checkpoint(run.out_dir / "checkpoints", run.state.step, trainer.model, trainer.optimizer,
+        ckpt.save_checkpoint(root, run.state.step, trainer.model, trainer.optimizer,
                              trainer_state, run.run_config, hook_state, run.cfg.train.keep_last)
     trainer.info.barrier()
+    return root / ckpt.step_dir_name(run.state.step)
 
 
 # ----------------------------------------------------------------------------- the end
@@ -298,6 +349,8 @@ def finish(run: Run, final_val_loss: float | None = None) -> TrainResult:
     trainer, state, tcfg, out_dir = run.trainer, run.state, run.cfg.train, run.out_dir
     model, info = trainer.model, trainer.info
     val_loss = final_val_loss if final_val_loss is not None else evaluate(run)
+    if not math.isfinite(val_loss):
+        raise NonFiniteError(f"the final val loss is {val_loss}; nothing exported (the newest checkpoint is kept)")
     fingerprints = rank_fingerprints(model, info)
     if len(set(fingerprints)) > 1:
         raise RuntimeError(f"ranks ended with different weights: {fingerprints}")
