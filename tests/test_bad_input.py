@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,88 @@ def test_eval_runs_lm_eval_tasks_and_throughput(tmp_path, prepared_dir, capsys):
     assert 0.0 <= result["tasks"]["nextline_mc/acc"] <= 1.0 and result["forward_tok_per_s"] > 0
     expect_user_error(capsys, ["eval", str(tmp_path / "out" / "final"), "--data", str(prepared_dir),
                                "--tasks", "no_such_task"], "no_such_task")
+
+
+# ----------------------------------------------------------------------------- faults seen by a new user
+
+def small_model_dir(path: Path) -> Path:
+    LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1,
+                                 max_position_embeddings=64)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda p: p.write_bytes(p.read_bytes()[:100]), "not a valid safetensors file"),
+    (lambda p: p.write_bytes(b""), "not a valid safetensors file"),
+    (lambda p: p.write_bytes(b"\xff" * 7 + b"\x7f" + b"garbage"), "not a valid safetensors file"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-64]), "not a valid safetensors file"),
+    (lambda p: (p.parent / "config.json").write_bytes(bytes(range(256))), "config.json: not a text file"),
+], ids=["truncated", "empty", "bad_header", "short_data", "binary_config"])
+def test_damaged_model_dirs(tmp_path, prepared_dir, capsys, damage, fragment):
+    model = small_model_dir(tmp_path / "m")
+    damage(model / "model.safetensors")
+    expect_user_error(capsys, ["eval", str(model), "--data", str(prepared_dir)], fragment)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--batch-size", "0"], "--batch-size must be > 0"),
+    (["--device", "tpu9"], "'tpu9' is not a device"),
+    (["--device", "cuda"], "no CUDA device"),
+])
+def test_bad_eval_flags(tmp_path, prepared_dir, capsys, args, fragment):
+    if "cuda" in args:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    model = small_model_dir(tmp_path / "m")
+    expect_user_error(capsys, ["eval", str(model), "--data", str(prepared_dir), *args], fragment)
+
+
+def test_a_bad_flag_is_one_line_without_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--no-such-flag"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "usage:" not in err
+    assert err.strip().splitlines() == ["lmprune: error: unrecognized arguments: --no-such-flag "
+                                        "(see: lmprune --help)"]
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.init_std=1e3", "model.init_std must be in (0, 1]"),
+    ("train.lr=inf", "train.lr must be a finite number"),
+    ("train.max_skipped_steps=0", "train.max_skipped_steps must be > 0"),
+])
+def test_values_that_would_overflow(tmp_path, prepared_dir, capsys, override, fragment):
+    expect_user_error(capsys, train_argv(tmp_path, tiny_run_config(prepared_dir), "--set", override), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_or_under_a_file(tmp_path, prepared_dir, capsys):
+    (tmp_path / "afile").write_text("x")
+    raw = tiny_run_config(prepared_dir)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        expect_user_error(capsys, ["train", str(cfg), "--out", str(out), "--quiet"], "a file is in the way")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_broken_tokenizer_in_a_prepared_dir_is_found_before_training(tmp_path, prepared_dir, capsys):
+    broken = tmp_path / "prepared"
+    shutil.copytree(prepared_dir, broken)
+    (broken / "tokenizer" / "tokenizer.json").write_text("{not json")
+    raw = tiny_run_config(broken)
+    expect_user_error(capsys, train_argv(tmp_path, raw), "cannot load a tokenizer")
+    assert not (tmp_path / "out").exists()
+
+
+def test_latin1_corpus_is_decoded_with_a_counted_warning_and_an_empty_val_split_refused(tmp_path, capsys):
+    from lmprune.data import prepare_corpus
+
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "latin1.txt").write_bytes("café au lait, déjà vu\n".encode("latin-1") * 200)
+    with pytest.warns(UserWarning, match=r"latin1.txt: 600 byte sequence\(s\) are not valid UTF-8"):
+        prepare_corpus(str(tmp_path / "texts"), tmp_path / "p", vocab_size=300, tokenizer=None,
+                       val_fraction=0.1, seed=0)
+    raw = tiny_run_config(tmp_path / "p")  # one document: it goes to train, val is empty
+    expect_user_error(capsys, train_argv(tmp_path, raw), "the validation split has 0 tokens")

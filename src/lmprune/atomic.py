@@ -20,6 +20,12 @@ that, fsync of the file AND of its directory, and every function here keeps it:
 Temp names start with "." and carry the pid, so globs like `step-*` never see them and two processes
 never share one; two threads of one process writing the same target at once are not supported.
 Leftovers of a killed process (`.{name}.tmp-*`, `.old-*`, `.deleting-*`) are never read as data.
+
+Crash tests (`scripts/crash_grid.py`): with the env var `LMPRUNE_CRASH_AT=<site>:<n>` the n-th call
+of `crash_point(site)` in a process SIGKILLs that process, at one of the sites "atomic_dir.filled"
+(temp dir filled, before its fsync), "atomic_dir.before_rename" (the final rename), "atomic_file.
+before_replace", "remove_tree.renamed" (renamed away, not yet removed) and "metrics.mid_line" (half a
+metrics.jsonl row written). It is read once, at import; unset, a crash point costs one comparison.
 """
 
 from __future__ import annotations
@@ -31,14 +37,43 @@ import json
 import os
 import re
 import shutil
+import signal
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["sha256_file", "fsync_dir", "atomic_file", "write_text", "write_json", "atomic_dir", "remove_tree",
-           "remove_stale_leftovers", "disk_full_is_user_error", "pid_alive"]
+           "remove_stale_leftovers", "disk_full_is_user_error", "pid_alive", "crash_point"]
 
 _BLOCK = 1 << 20  # 1 MiB
+
+
+# ----------------------------------------------------------------------------- fault injection (crash tests)
+
+def _parse_crash_at(value: str | None) -> tuple[str | None, int]:
+    if not value:
+        return None, 0
+    site, _, n = value.rpartition(":")
+    if not site or not n.isdigit() or int(n) < 1:
+        warnings.warn(f"LMPRUNE_CRASH_AT={value!r} ignored: expected <site>:<n> with n >= 1", stacklevel=2)
+        return None, 0
+    return site, int(n)
+
+
+_CRASH_SITE, _CRASH_N = _parse_crash_at(os.environ.get("LMPRUNE_CRASH_AT"))
+_crash_calls = 0
+
+
+def crash_point(site: str) -> None:
+    """SIGKILL this process on the n-th call of `site` when LMPRUNE_CRASH_AT is "<site>:<n>"; else nothing."""
+    global _crash_calls
+    if site != _CRASH_SITE:
+        return
+    _crash_calls += 1
+    if _crash_calls == _CRASH_N:
+        os.write(2, f"lmprune: LMPRUNE_CRASH_AT: SIGKILL at {site} #{_CRASH_N} (pid {os.getpid()})\n".encode())
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -97,6 +132,7 @@ def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        crash_point("atomic_file.before_replace")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -155,6 +191,7 @@ def atomic_dir(target: str | Path, *, replace: bool = True) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        crash_point("atomic_dir.filled")
         _fsync_tree(tmp)
         old = None
         if target.exists() or target.is_symlink():
@@ -166,6 +203,7 @@ def atomic_dir(target: str | Path, *, replace: bool = True) -> Iterator[Path]:
                 os.rename(target, old)
             except FileNotFoundError:  # another process moved it away in between
                 old = None
+        crash_point("atomic_dir.before_rename")
         try:
             os.rename(tmp, target)
         except OSError:
@@ -201,6 +239,7 @@ def remove_tree(path: str | Path) -> None:
     doomed = path.with_name(f".{path.name}.deleting-{os.getpid()}")
     _remove(doomed)
     os.rename(path, doomed)
+    crash_point("remove_tree.renamed")
     fsync_dir(path.parent)
     shutil.rmtree(doomed)
 

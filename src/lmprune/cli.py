@@ -59,6 +59,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_hf_progress() -> None:
+    """--quiet: no transformers / huggingface_hub progress bars either (e.g. "Writing model shards")."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lmprune.config import RunConfig, describe_fields, load_config
     from lmprune.train import print_result, train
@@ -74,6 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.save_every is not None:
         overrides.append(f"train.save_every={args.save_every}")
     cfg = load_config(args.config, overrides)
+    if args.quiet:
+        quiet_hf_progress()
     out_dir = Path(args.out or cfg.out_dir or Path("runs") / Path(args.config).stem)
     result = train(cfg, out_dir, resume=args.resume, quiet=args.quiet)
     if result.is_main:
@@ -85,6 +96,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from lmprune.compare import run_compare
     from lmprune.report import format_flops
 
+    if args.quiet:
+        quiet_hf_progress()
     summary = run_compare(args.config, Path(args.out), overrides=args.set, quiet=args.quiet)
     print(f"{'run':24s} {'val ppl':>9s} {'params':>11s} {'ffn':>5s} {'tokens':>11s} {'FLOPs':>10s} {'infer tok/s':>11s}")
     for name, r in summary["pipelines"].items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,8 @@ def equal_compute_config(reference: RunConfig, reference_flops: float, vocab_siz
     raw["kd"] = None
     tcfg = reference.train
     target = build_model(llama_config(reference.model, vocab_size, tcfg.seq_len, None), tcfg.seed)
-    tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # as the trainer counts it (every rank's batch)
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * world_size
     step_flops = 3 * forward_flops_per_token(target, tcfg.seq_len) * tokens_per_step
     steps = max(tcfg.steps, int(round(reference_flops / step_flops)))
     raw["train"] = dict(raw["train"], steps=steps)

@@ -22,6 +22,7 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,8 +242,15 @@ def _glob_base(pattern: Path) -> Path:
 
 
 def _documents_of_file(path: Path, raw: bytes) -> list[str]:
-    """A text file is one document; a .jsonl file is one document per line's `text` field."""
+    """A text file is one document; a .jsonl file is one document per line's `text` field.
+
+    Bytes that are not UTF-8 (a binary or Latin-1 file) are replaced by U+FFFD, with a warning that
+    counts them."""
     text = raw.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
+    if replaced > 0:
+        warnings.warn(f"{path}: {replaced:,} byte sequence(s) are not valid UTF-8 (a binary or Latin-1 file?); "
+                      "decoded as U+FFFD", stacklevel=2)
     if path.suffix != ".jsonl":
         return [text]
     documents = []

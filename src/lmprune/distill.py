@@ -1,5 +1,7 @@
 """Knowledge distillation: loss = (1 - a) * CE + a * T^2 * KL(p_teacher^T || p_student^T).
 
+Formulas: docs/algorithms.md, "Knowledge distillation".
+
 The teacher is a frozen model: a local HF dir, or a snapshot of the enlarged model taken at the step
 where pruning starts (saved as OUT/teacher/, a HF dir, so a resumed run distils from the same one).
 """

@@ -1,4 +1,7 @@
-"""Model presets, construction of HF `LlamaForCausalLM`s, and loading local HF causal-LM dirs."""
+"""Model presets, construction of HF `LlamaForCausalLM`s, and loading local HF causal-LM dirs.
+
+Formulas: docs/algorithms.md, "FLOPs accounting".
+"""
 
 from __future__ import annotations
 
@@ -71,10 +74,10 @@ def check_model_dir(path: str | Path) -> dict:
         raise UserError(f"{path} is not a HF model dir (no config.json)")
     config = read_json_object(config_file)
     refuse_remote_code(path, config)
-    refuse_pickle_weights(path)
     architectures = config.get("architectures") or []
     if architectures and not any(str(a).endswith("ForCausalLM") for a in architectures):
         raise UserError(f"{path} is not a causal LM (architectures: {', '.join(map(str, architectures))})")
+    refuse_pickle_weights(path)
     return config
 
 

@@ -1,4 +1,7 @@
-"""The optimizer: AdamW with weight decay on matrices only."""
+"""The optimizer: AdamW with weight decay on matrices only.
+
+Formulas: docs/algorithms.md, "Optimizer".
+"""
 
 from __future__ import annotations
 

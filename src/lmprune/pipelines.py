@@ -1,5 +1,7 @@
 """Enlarge-and-prune pipelines resolved into what the training loop needs.
 
+Formulas: docs/algorithms.md, "Pipelines".
+
 A pipeline is not a second loop: it decides (1) the width of the model that training starts with,
 (2) the LR segments (one warmup+cosine, or a restart), and (3) when and how the FFN pruner prunes.
 The loop in train.py then runs the same way for every pipeline, so they differ in nothing else:

@@ -129,8 +129,14 @@ class MetricsLog:
 
     def write(self, row: dict) -> None:
         if self.enabled:
+            from lmprune.atomic import crash_point  # (local: crash tests only; an already-imported module)
+
+            line = json.dumps(row) + "\n"
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(line[:len(line) // 2])
+                f.flush()  # a kill at the crash point leaves a torn line on disk, as a real one would
+                crash_point("metrics.mid_line")
+                f.write(line[len(line) // 2:])
 
 
 def read_rows(path: Path, up_to_step: int | None = None) -> list[dict]:

@@ -135,6 +135,7 @@ def _setup_locked(cfg: RunConfig, plan: Plan, out_dir: Path, resume: bool, info:
         clean_leftovers(out_dir)
     resume_from = find_resume_checkpoint(out_dir / "checkpoints") if resume else None
     data = prepare_data(cfg, info)
+    check_data(data, tcfg)
     model = make_model(cfg, plan, data, resume_from).to(device)
     make_optimizer = lambda m: build_optimizer(m, tcfg)  # noqa: E731  (also rebuilds it after compaction)
     hook = make_hook(plan, data, cfg, make_optimizer)
@@ -187,6 +188,15 @@ def prepare_data(cfg: RunConfig, info: Dist) -> PreparedData:
     if not info.is_main:
         path = ensure_prepared(**kwargs)
     return PreparedData.open(path)
+
+
+def check_data(data: PreparedData, tcfg) -> None:
+    """The prepared data can train and evaluate this run: a loadable tokenizer (it is saved with every
+    export) and a validation split of at least one window."""
+    data.load_tokenizer()
+    if len(data.val) < tcfg.seq_len + 1:
+        raise UserError(f"{data.path}: the validation split has {len(data.val):,} tokens, fewer than one window of "
+                        f"train.seq_len + 1 = {tcfg.seq_len + 1}; add documents or raise data.val_fraction")
 
 
 def make_model(cfg: RunConfig, plan: Plan, data: PreparedData, resume_from: Path | None) -> torch.nn.Module:

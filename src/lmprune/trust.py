@@ -69,8 +69,23 @@ def refuse_pickle_weights(path: Path) -> None:
                 raise UserError(f"{index} names {shard}, which is missing")
     has_safetensors = any((path / n).is_file() for n in ("model.safetensors", SAFETENSORS_INDEX,
                                                             "model.sparse.safetensors"))
+    shards = sorted(set(map(str, read_json_object(index).get("weight_map", {}).values()))) if index.is_file() else []
+    for name in [n for n in ("model.safetensors", "model.sparse.safetensors") if (path / n).is_file()] + shards:
+        check_safetensors_header(path / name)
     if not has_safetensors:
         pickled = [n for n in PICKLE_WEIGHTS if (path / n).exists()]
         if pickled:
             raise UserError(f"{path} holds {pickled[0]}: only safetensors weights are read (no pickle)")
         raise UserError(f"{path} holds no model.safetensors weights")
+
+
+def check_safetensors_header(file: Path) -> None:
+    """UserError unless `file` has a readable safetensors header whose tensors fit in the file (reads
+    the header only, not the weights)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{file}: not a valid safetensors file ({str(error).splitlines()[0]})") from None

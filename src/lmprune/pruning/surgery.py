@@ -1,5 +1,7 @@
 """Physical surgery on Llama-family HF causal LMs: slice FFN neurons and GQA groups, drop decoder layers.
 
+Formulas: docs/algorithms.md, "One-shot pruning of pretrained models".
+
 Supported families (Llama, Mistral, Qwen2, Qwen3; SmolLM is Llama) share the module names
 `model.model.layers[i].mlp.{gate,up,down}_proj` and `model.model.layers[i].self_attn.{q,k,v,o}_proj`.
 Every function edits the model in place and changes the config THROUGH the config object

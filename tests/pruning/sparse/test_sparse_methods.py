@@ -440,3 +440,24 @@ def test_imp_fraction_of_remaining_levels():
 def test_apply_masks_rejects_unknown_names():
     with pytest.raises(UserError, match="no such parameter"):
         apply_masks_(tiny_llama(), {"model.nope.weight": torch.ones(2, 2, dtype=torch.bool)})
+
+
+def test_imp_round_start_skipped_for_a_non_finite_loss_prunes_on_the_next_step(monkeypatch):
+    from lmprune import step as step_module
+
+    real, calls = step_module.lm_loss, {"n": 0}
+
+    def lm_loss(logits, targets):  # NaN at step 2, the first step of round 2
+        calls["n"] += 1
+        return real(logits, targets) * (float("nan") if calls["n"] == 3 else 1.0)
+
+    monkeypatch.setattr(step_module, "lm_loss", lm_loss)
+    model = tiny_llama()
+    cfg = IMPConfig(levels=[0.2, 0.4], steps_per_round=2)
+    pruner = IMPPruner(cfg)
+    pruner.apply(model)
+    updates = []
+    train_steps(model, adamw(model), pruner, make_batches(4), range(4),
+                lambda step, events: updates.append(step) if events.mask_updated else None)
+    assert updates == [0, 3]  # round 2 pruned one step late, not lost
+    assert pruner.metrics()["sparsity"] == pytest.approx(0.4, abs=1e-4)

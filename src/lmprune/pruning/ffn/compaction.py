@@ -1,5 +1,7 @@
 """Compaction: slice a SwiGLU FFN to its kept neurons, in place, and carry the AdamW state over.
 
+Formulas: docs/algorithms.md, "IDEA Prune".
+
 A neuron j is row j of gate_proj and up_proj (and their biases) and column j of down_proj. After
 `compact_ffn` the model is a plain smaller HF model (`config.intermediate_size` updated); with an
 optimizer, a new one is built on the new parameters holding the old moments sliced the same way, so

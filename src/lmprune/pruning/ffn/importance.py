@@ -11,7 +11,7 @@ with S a per-weight score (|w * grad| averaged over steps, |w|, ...), f1 and f2 
 Sensitivity EMA (IDEA Prune, after PLATON): I_t = |w * dL/dw|, Ibar_t = lam * Ibar_{t-1} + (1 - lam) * I_t.
 Ibar starts at 0 (as in PLATON), so after n updates every score carries the same factor 1 - lam**n:
 rankings are unaffected, and the per-neuron and per-weight paths below agree exactly from step one.
-Optional uncertainty: U_t = |I_t - Ibar_t| (with the updated Ibar_t, docs/algorithms.md "IDEA Prune"; this is lam times
+Optional uncertainty: U_t = |I_t - Ibar_t| (with the updated Ibar_t, docs/algorithms.md, "IDEA Prune"; this is lam times
 PLATON's |I_t - Ibar_{t-1}|, the same ranking), Ubar_t = b2 * Ubar_{t-1} + (1 - b2) * U_t,
 per-weight score Ibar * Ubar.
 

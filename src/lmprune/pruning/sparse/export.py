@@ -1,5 +1,7 @@
 """Compact on-disk format for unstructured-sparse models: bitmask + nonzero values per prunable weight.
 
+Formulas: docs/algorithms.md, "Sparse export format".
+
 `out_dir/model.sparse.safetensors` holds, for every prunable floating tensor W (names matched by
 the pruning patterns), two tensors
 

@@ -123,7 +123,8 @@ class IMPPruner:
     def after_backward(self, model: nn.Module, step: int) -> None:
         """At a round's first step prune (the weights as the previous round left them); mask gradients."""
         k = self.cfg.steps_per_round
-        self._pruned_this_step = step % k == 0 and self._round < step // k < len(self.levels)
+        # the first step of a round that reaches here prunes (a skipped non-finite step defers it)
+        self._pruned_this_step = self._round < step // k < len(self.levels)
         if self._pruned_this_step:
             self._round = step // k
             weights = {name: p.detach() for name, p in self._params.items()}
@@ -137,7 +138,8 @@ class IMPPruner:
         if self._keep is not None:
             zero_pruned_moments_(optimizer, self._params, self._keep)
             zero_pruned_params_(self._params, self._keep)
-        return StepEvents(mask_updated=self._pruned_this_step)
+        pruned, self._pruned_this_step = self._pruned_this_step, False
+        return StepEvents(mask_updated=pruned)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"method": "imp", "round": self._round}

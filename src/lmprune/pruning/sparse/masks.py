@@ -1,4 +1,6 @@
 """Per-weight keep masks for unstructured pruning: which parameters are prunable, how masks are
+
+Formulas: docs/algorithms.md, "Masks and thresholds".
 chosen (magnitude, globally or per layer; N:M), enforced (weights, gradients, AdamW moments) and
 saved in a pruner's state.
 

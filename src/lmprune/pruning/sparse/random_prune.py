@@ -1,5 +1,7 @@
 """Random unstructured pruning: the floor any magnitude criterion has to beat.
 
+Formulas: docs/algorithms.md, "Random pruning baseline".
+
 The README's "Adding a pruning method" walks through this file: a config, a plan check, a hook, and
 one line in `lmprune.pruning.METHODS`. Each prunable weight gets a fixed random score (seeded,
 regenerated at every update, so nothing is stored); masks prune the lowest scores on GMP's cubic
