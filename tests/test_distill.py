@@ -117,21 +117,19 @@ def test_kd_kl_gradient_matches_reference(temperature, student_vocab):
 
 def test_alpha_at_linear_from_start_to_total():
     d = Distiller(KDConfig(alpha=0.2, alpha_end=0.8, temperature=2.0, teacher=None), start_step=10,
-                  total_steps=30, autocast_dtype="fp32")
+                  total_steps=30)
     expected = {0: 0.2, 5: 0.2, 10: 0.2, 15: 0.35, 20: 0.5, 25: 0.65, 29: 0.77, 30: 0.8, 31: 0.8, 100: 0.8}
     for step, alpha in expected.items():
         assert d.alpha_at(step) == pytest.approx(alpha, abs=1e-12), step
 
 
 def test_alpha_at_can_decrease():
-    d = Distiller(KDConfig(alpha=1.0, alpha_end=0.0, temperature=1.0), start_step=0, total_steps=4,
-                  autocast_dtype="fp32")
+    d = Distiller(KDConfig(alpha=1.0, alpha_end=0.0, temperature=1.0), start_step=0, total_steps=4)
     assert [d.alpha_at(s) for s in range(6)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 0.0], abs=1e-12)
 
 
 def test_alpha_at_without_alpha_end_is_constant():
-    d = Distiller(KDConfig(alpha=0.3, alpha_end=None, temperature=2.0), start_step=10, total_steps=30,
-                  autocast_dtype="fp32")
+    d = Distiller(KDConfig(alpha=0.3, alpha_end=None, temperature=2.0), start_step=10, total_steps=30)
     assert [d.alpha_at(s) for s in (0, 10, 20, 30, 50)] == [0.3] * 5
 
 
@@ -154,7 +152,7 @@ def setup():
 
 def make_distiller(teacher, alpha=0.3, alpha_end=None, temperature=2.0, start_step=10, total_steps=30):
     d = Distiller(KDConfig(alpha=alpha, alpha_end=alpha_end, temperature=temperature, teacher=None),
-                  start_step=start_step, total_steps=total_steps, autocast_dtype="fp32")
+                  start_step=start_step, total_steps=total_steps)
     if teacher is not None:
         d.snapshot_teacher(teacher, save_dir=None)
     return d

@@ -96,7 +96,10 @@ def test_kd_from_the_snapshot_at_prune_start(tmp_path, prepared_dir):
     teacher = AutoModelForCausalLM.from_pretrained(out / "teacher")
     assert teacher.config.intermediate_size == 128
     kd_rows = [r for r in rows(out) if "kd_loss" in r]
-    assert kd_rows and kd_rows[0]["step"] == 13 and all(r["kd_loss"] >= 0 for r in kd_rows)
+    assert kd_rows and kd_rows[0]["step"] == 13
+    # the snapshot is taken at the start of step 12: on that step teacher == student, so KL == 0; then
+    # pruning and training move the student away from its frozen past self
+    assert kd_rows[0]["kd_loss"] < 1e-6 and max(r["kd_loss"] for r in kd_rows[1:]) > 1e-3
     plain = json.loads((run(tmp_path, pipeline_config(prepared_dir, "idea"), "plain") / "summary.json").read_text())
     assert json.loads((out / "summary.json").read_text())["train_flops"] > plain["train_flops"]
 

@@ -31,9 +31,8 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
 class Distiller:
     """Mixes the KD term into the loss from `start_step` on (a named call in the training step)."""
 
-    def __init__(self, cfg: KDConfig, start_step: int, total_steps: int, autocast_dtype: str):
+    def __init__(self, cfg: KDConfig, start_step: int, total_steps: int):
         self.cfg, self.start_step, self.total_steps = cfg, start_step, total_steps
-        self.autocast_dtype = autocast_dtype
         self.teacher: torch.nn.Module | None = None
         self.last_kd_loss: float | None = None
 

@@ -235,7 +235,7 @@ def make_distiller(cfg: RunConfig, plan: Plan, out_dir: Path, start_step: int, d
     """The KD teacher: a HF dir, or (on resume past prune start) the snapshot saved at prune start."""
     if plan.kd_start is None:
         return None
-    distiller = Distiller(cfg.kd, plan.kd_start, cfg.train.steps, cfg.train.dtype)
+    distiller = Distiller(cfg.kd, plan.kd_start, cfg.train.steps)
     if cfg.kd.teacher is not None:
         distiller.load_teacher(resolve_model(cfg.kd.teacher), device)
         if distiller.teacher.config.vocab_size < model.config.vocab_size:
