@@ -1,8 +1,12 @@
 """Atomic writes of files and directories: every file lmprune publishes goes through this module.
 
 Why: a reader (a resumed run, a second process, another tool) must never see half a file or half a
-directory, and a crash (kill, power loss) at any point must leave either the old version or the new
-one under the final name, never a mix. The recipe is always the same: write everything under a
+directory, and a crash (kill, power loss) at any point must never leave a mix of old and new under
+the final name. For a file (`os.replace`) the old or the new version is always there. Replacing a
+directory takes two renames (old aside, new in): a crash between them leaves the new one complete
+under its temp name, the old one under `.{name}.old-PID`, and nothing under the final name — which
+every reader of lmprune's dirs treats as "not written yet" (a resume re-exports; a checkpoint dir is
+only ever replaced when it is the same step). The recipe is always the same: write everything under a
 temporary name beside the target (same directory, so same filesystem: `os.replace`/`os.rename` is
 atomic), fsync the data, rename it onto the target, then fsync the parent directory so the rename
 itself is durable. The strongest guarantee the hand-written helpers this replaces gave was exactly

@@ -12,12 +12,13 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmprune.atomic import write_json
+from lmprune.atomic import remove_stale_leftovers, write_json
 from lmprune.config import CompareConfig, RunConfig, apply_overrides, config_from_dict, read_raw_config
 from lmprune.errors import UserError
 from lmprune.evaluate import forward_throughput
@@ -90,6 +91,9 @@ def run_compare(config_path: str | Path, out_dir: Path, overrides: list[str] | N
     saved = out_dir / "compare_config.json"
     if saved.is_file() and json.loads(saved.read_text()) != raw:
         raise UserError(f"{out_dir} holds another comparison (its compare_config.json differs); choose another --out")
+    removed = remove_stale_leftovers(out_dir)  # temp files of a killed compare (its own writes in DIR)
+    if removed:
+        warnings.warn(f"removed {len(removed)} temp file(s) left by a killed compare in {out_dir}", stacklevel=2)
     write_json(saved, raw)
 
     results: dict[str, dict[str, Any]] = {}
