@@ -62,3 +62,14 @@ def tiny_run_config(prepared: Path, **train_overrides) -> dict:
 def write_config(path: Path, raw: dict) -> Path:
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+@pytest.fixture(scope="session")
+def dense_dir(tmp_path_factory, prepared_dir) -> Path:
+    """A small dense model trained by `lmprune train` (20 steps): the starting point of fine-tuning methods."""
+    from lmprune.cli import main
+
+    root = tmp_path_factory.mktemp("dense")
+    raw = tiny_run_config(prepared_dir, steps=20, eval_every=0, sample_tokens=0)
+    assert main(["train", str(write_config(root / "dense.yaml", raw)), "--out", str(root / "run"), "--quiet"]) == 0
+    return root / "run" / "final"

@@ -16,14 +16,6 @@ from lmprune.models import load_hf_model
 from lmprune.pruning.sparse.masks import DEFAULT_PATTERNS, prunable_parameters
 
 
-@pytest.fixture(scope="module")
-def dense_dir(tmp_path_factory, prepared_dir) -> Path:
-    root = tmp_path_factory.mktemp("dense")
-    raw = tiny_run_config(prepared_dir, steps=20, eval_every=0, sample_tokens=0)
-    assert main(["train", str(write_config(root / "dense.yaml", raw)), "--out", str(root / "run"), "--quiet"]) == 0
-    return root / "run" / "final"
-
-
 def finetune_config(prepared_dir: Path, dense_dir: Path, steps: int = 16, **method) -> dict:
     raw = tiny_run_config(prepared_dir, steps=steps, warmup=0, lr=5e-4, lr_end=5e-5, eval_every=0, sample_tokens=0)
     raw["model"] = {"path": str(dense_dir), "preset": None}

@@ -20,14 +20,6 @@ from lmprune.step import train_step
 from lmprune.train import finish, fit, setup_run
 
 
-@pytest.fixture(scope="module")
-def dense_dir(tmp_path_factory, prepared_dir) -> Path:
-    root = tmp_path_factory.mktemp("dense-step")
-    raw = tiny_run_config(prepared_dir, steps=10, eval_every=0, sample_tokens=0)
-    assert main(["train", str(write_config(root / "dense.yaml", raw)), "--out", str(root / "run"), "--quiet"]) == 0
-    return root / "run" / "final"
-
-
 def method_config(name: str, prepared: Path, dense: Path) -> dict:
     if name == "idea":  # enlarged model, iterative pruning, compaction mid-run
         raw = tiny_run_config(prepared, steps=16, warmup=2, eval_every=0, sample_tokens=0)
