@@ -7,7 +7,9 @@ places (see `lmprune.pruning.hooks`):
     forward (autocast) + backward (outside autocast), for each micro-batch
     loss and gradients finite?   (all ranks agree; one host sync)
       yes: hook.after_backward   gradients present, before clipping
-           clip_grad_norm_, optimizer.step()
+           clip_grad_norm_       the loss gradient only
+           hook.after_clip       a regulariser's gradient (RegularizingHook), after clipping
+           optimizer.step()
       no:  the step is skipped: weights, AdamW moments and the method's statistics stay untouched
     zero_grad
     hook.after_optimizer_step -> StepEvents   (also on a skipped step, so no scheduled update is lost)
@@ -35,7 +37,7 @@ from lmprune.loader import TokenLoader
 from lmprune.models import forward_flops_per_token
 from lmprune.optim import set_lr
 from lmprune.pipelines import Plan
-from lmprune.pruning.hooks import NO_EVENTS, StepEvents, TrainingHook
+from lmprune.pruning.hooks import NO_EVENTS, RegularizingHook, StepEvents, TrainingHook
 
 
 @dataclass
@@ -168,6 +170,8 @@ def train_step(trainer: Trainer, state: TrainState) -> StepOutput:
         if hook is not None:
             hook.after_backward(trainer.model, step)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), tcfg.grad_clip or float("inf"))
+        if isinstance(hook, RegularizingHook):  # a regulariser's gradient never enters the clip norm
+            hook.after_clip(trainer.model, step)
         trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     state.skipped_in_a_row = 0 if finite else state.skipped_in_a_row + 1

@@ -4,7 +4,9 @@ A method is a plain object the loop calls at fixed, named points of every step (
 
     forward + backward (all micro-batches)
     hook.after_backward(model, step)        gradients present (all-reduced under DDP), before clipping
-    clip_grad_norm_, optimizer.step(), zero_grad
+    clip_grad_norm_                          the loss gradient only
+    hook.after_clip(model, step)            a RegularizingHook adds its gradient here, never clipped
+    optimizer.step(), zero_grad
     events = hook.after_optimizer_step(model, optimizer, step)
     if events.compact:
         optimizer = hook.compact(model, optimizer)   # then the loop rebuilds DDP / compile / FLOP counts
@@ -70,3 +72,17 @@ class CompactingHook(TrainingHook, Protocol):
 
     def compact(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Slice the model (and the optimizer state) in place; return the optimizer of the new parameters."""
+
+
+@runtime_checkable
+class RegularizingHook(TrainingHook, Protocol):
+    """A method that adds a regulariser's gradient (e.g. MGPP's prior) to `grad`.
+
+    It is added after clipping: clip_grad_norm_ sees the loss gradient alone, so the clip threshold
+    keeps its meaning (the loss scale) and a strong regulariser cannot scale the loss gradient down
+    to nothing; the logged `grad_norm` is the loss gradient's norm. The method reports its own
+    gradient's norm in `metrics()` (e.g. `prior_grad_norm`).
+    """
+
+    def after_clip(self, model: nn.Module, step: int) -> None:
+        """Add the regulariser's gradient to the (clipped) loss gradient."""

@@ -217,6 +217,7 @@ def test_mgpp_pruned_weight_regrows_before_freeze_and_never_after():
         if boosted is not None:
             weight.grad[boosted] = -1.0  # pushes the weight up by ~lr per step
         pruner.after_backward(model, t)
+        pruner.after_clip(model, t)
         optimizer.step()
         pruner.after_optimizer_step(model, optimizer, t)
 
@@ -461,3 +462,20 @@ def test_imp_round_start_skipped_for_a_non_finite_loss_prunes_on_the_next_step(m
                 lambda step, events: updates.append(step) if events.mask_updated else None)
     assert updates == [0, 3]  # round 2 pruned one step late, not lost
     assert pruner.metrics()["sparsity"] == pytest.approx(0.4, abs=1e-4)
+
+
+def test_mgpp_prior_never_enters_the_clip_norm_and_is_logged_apart():
+    """The logged grad_norm of an MGPP step is the loss gradient's (equal to a no-prior run's on the same
+    weights and batch), and the prior's own norm -- here far larger -- is prior_grad_norm."""
+    batches = make_batches(1)
+    cfg = MGPPConfig(n_train=10, warmup_steps=0, s_i=0.5, s_f=0.6, cubic_steps=4, dt=2)
+    with_prior, plain = tiny_llama(), tiny_llama()
+    pruner = MGPPPruner(cfg)
+    pruner.apply(with_prior)
+    out_prior = train_step(*step_runner(with_prior, pruner, batches, grad_clip=1.0))
+    out_plain = train_step(*step_runner(plain, None, batches, grad_clip=1.0))
+    assert float(out_prior.grad_norm) == float(out_plain.grad_norm)
+    prior_norm = pruner.metrics()["prior_grad_norm"]
+    assert prior_norm > 100 * float(out_plain.grad_norm)  # s0 = 1e-10, n = 10: the prior dominates
+    # and it was applied: one step moved the weights differently from the plain run
+    assert not torch.equal(with_prior.model.layers[0].mlp.up_proj.weight, plain.model.layers[0].mlp.up_proj.weight)

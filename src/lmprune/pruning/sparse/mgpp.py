@@ -4,9 +4,9 @@ Config, schedule and pruner in one place. Formulas: docs/algorithms.md, "MGPP".
 
 Timeline (t0 = warmup_steps, t_end = t0 + cubic_steps):
 - steps < t0: dense, no prior.
-- t0 <= step <= t_end (until the freeze): after backward, eta(t) * prior gradient is added to the
-  gradients of the prunable weights (lambda annealed linearly to lam * lam_final_factor). After the
-  optimizer steps t0, t0+dt, ... the mask is recomputed from |w| of all weights (pruned ones included)
+- t0 <= step <= t_end (until the freeze): after gradient clipping (the prior never enters the clip
+  norm; see `after_clip`), eta(t) * prior gradient is added to the gradients of the prunable weights
+  (lambda annealed linearly to lam * lam_final_factor). After the optimizer steps t0, t0+dt, ... the mask is recomputed from |w| of all weights (pruned ones included)
   at the scheduled sparsity and the pruned weights are set to zero once. Their gradients and AdamW
   moments are left alone, so a pruned weight with a large gradient regrows and can win back its place.
 - after the optimizer step t_end: final mask at s_f, which then freezes: pruned weights are zeroed and
@@ -173,6 +173,7 @@ class MGPPPruner:
         self._frozen = False
         self._threshold = 0.0
         self._last_step = -1
+        self._prior_norm_sq: Tensor | None = None  # of the last step's eta * prior gradient
 
     def apply(self, model: nn.Module) -> None:
         """Find the prunable weights (UserError for patterns that match nothing) and bind loaded masks."""
@@ -185,19 +186,29 @@ class MGPPPruner:
                 zero_pruned_params_(self._params, self._keep)
 
     def after_backward(self, model: nn.Module, step: int) -> None:
-        """Add eta(t) * prior gradient while pruning is active; mask gradients once frozen."""
+        """Once frozen: mask the gradients of pruned weights (before clipping, like every mask)."""
         self._last_step = step
         if self._frozen:
             zero_pruned_grads_(self._params, self._keep)
-            return
-        if step < self.cfg.warmup_steps:
+
+    def after_clip(self, model: nn.Module, step: int) -> None:
+        """Add eta(t) * prior gradient while pruning is active, AFTER clipping (RegularizingHook): with
+        s0 = 1e-10 its norm can be 10^4 x the loss gradient's, and inside the clip norm it would scale
+        the loss gradient down to almost nothing."""
+        self._prior_norm_sq = None
+        if self._frozen or step < self.cfg.warmup_steps:
             return
         eta, lam = mgpp_eta_at(step, self.cfg), mgpp_lam_at(step, self.cfg)
         if eta == 0.0:
             return
+        norm_sq = None
         for p in self._params.values():
             if p.grad is not None:
-                p.grad.add_(mgpp_prior_grad(p, lam, self.cfg.s0, self.cfg.s1, self.cfg.n_train), alpha=eta)
+                prior = mgpp_prior_grad(p, lam, self.cfg.s0, self.cfg.s1, self.cfg.n_train).mul_(eta)
+                p.grad.add_(prior)
+                square = prior.float().square().sum()  # stays on the device: read only on logged steps
+                norm_sq = square if norm_sq is None else norm_sq + square
+        self._prior_norm_sq = norm_sq
 
     def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> StepEvents:
         """Recompute the mask on update steps, freeze it at the end of the cubic phase, keep frozen zeros."""
@@ -234,7 +245,10 @@ class MGPPPruner:
             self._keep = checked_masks(self._params, self._keep)
 
     def metrics(self) -> dict[str, float | int | bool]:
-        """sparsity (exact zero fraction of prunable weights), target, threshold, lam, mask_frozen."""
+        """sparsity (exact zero fraction of prunable weights), target, threshold, lam, mask_frozen, and
+        prior_grad_norm (norm of the last step's eta * prior gradient, 0 when the prior is off)."""
         step = max(self._last_step, 0)
+        prior = 0.0 if self._prior_norm_sq is None else float(self._prior_norm_sq.sqrt())
         return {"sparsity": zero_fraction(self._params), "target_sparsity": mgpp_sparsity_at(step, self.cfg),
-                "threshold": self._threshold, "lam": mgpp_lam_at(step, self.cfg), "mask_frozen": self._frozen}
+                "threshold": self._threshold, "lam": mgpp_lam_at(step, self.cfg), "mask_frozen": self._frozen,
+                "prior_grad_norm": round(prior, 6)}
