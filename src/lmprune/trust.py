@@ -56,11 +56,13 @@ def refuse_remote_code(path: Path, config: dict | None = None) -> None:
 def refuse_pickle_weights(path: Path) -> None:
     """UserError when the dir's weights are not all safetensors files inside the dir."""
     index = path / SAFETENSORS_INDEX
+    shards: list[str] = []
     if index.is_file():
         weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise UserError(f"{index}: no weight_map")
-        for shard in sorted(set(map(str, weight_map.values()))):
+        shards = sorted(set(map(str, weight_map.values())))
+        for shard in shards:
             if not shard.endswith(".safetensors"):
                 raise UserError(f"{index} points to {shard}: only safetensors weights are read (no pickle)")
             if Path(shard).name != shard:
@@ -69,7 +71,6 @@ def refuse_pickle_weights(path: Path) -> None:
                 raise UserError(f"{index} names {shard}, which is missing")
     has_safetensors = any((path / n).is_file() for n in ("model.safetensors", SAFETENSORS_INDEX,
                                                             "model.sparse.safetensors"))
-    shards = sorted(set(map(str, read_json_object(index).get("weight_map", {}).values()))) if index.is_file() else []
     for name in [n for n in ("model.safetensors", "model.sparse.safetensors") if (path / n).is_file()] + shards:
         check_safetensors_header(path / name)
     if not has_safetensors:
