@@ -132,7 +132,13 @@ class TrainConfig(Section):
     threads: int | None = None
     """torch intra-op threads per process (None = torch default)."""
     compile: bool = False
-    """torch.compile the model (faster after a slow first step)."""
+    """torch.compile the model (faster after a slow first step); under parallel fsdp each decoder layer."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """How torchrun ranks share the model: ddp = a full copy per rank; fsdp = FSDP2, weights, gradients
+    and AdamW state sharded across ranks (per decoder layer + the root). A single process ignores it
+    (but writes sharded DCP checkpoints under fsdp, so a run can move between world sizes)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward (less memory, ~1/3 more compute)."""
     sample_tokens: int = 48
     """Length of the sample generation printed at the end (0 = none)."""
     export_sparse: bool = False

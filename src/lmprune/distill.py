@@ -48,9 +48,8 @@ class Distiller:
     def snapshot_teacher(self, model: torch.nn.Module, save_dir: Path | None) -> None:
         """Freeze a copy of `model` as the teacher; rank 0 also saves it (atomically) for resume."""
         self.teacher = _freeze(copy.deepcopy(model))
-        if save_dir is not None and not save_dir.exists():  # an existing snapshot is kept (resume)
-            with atomic_dir(save_dir, replace=False) as tmp:
-                self.teacher.save_pretrained(tmp, safe_serialization=True)
+        if save_dir is not None:
+            save_snapshot(self.teacher, save_dir)
 
     def mix_loss(self, ce: torch.Tensor, student_logits: torch.Tensor, input_ids: torch.Tensor,
                  step: int) -> torch.Tensor:
@@ -67,6 +66,13 @@ class Distiller:
         if self.teacher is None or step < self.start_step or self.last_kd_loss is None:
             return {}
         return {"kd_loss": round(self.last_kd_loss, 6), "kd_alpha": self.alpha_at(step)}
+
+
+def save_snapshot(model: torch.nn.Module, save_dir: Path) -> None:
+    """Save the teacher snapshot as a HF dir, atomically; an existing snapshot is kept (resume)."""
+    if not save_dir.exists():
+        with atomic_dir(save_dir, replace=False) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
 
 
 def _freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from lmprune.data import PreparedData
 from lmprune.loader import val_batches
+from lmprune.sharding import is_sharded
 from lmprune.errors import UserError
 
 
@@ -33,9 +34,17 @@ def evaluate_loss(model: torch.nn.Module, tokens: np.ndarray, batch_size: int, s
     seconds = 0.0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     batches = list(val_batches(tokens, batch_size, seq_len, max_tokens))
-    for index, (x, y) in enumerate(tqdm(batches, desc="eval", disable=not progress, unit="batch")):
+    # FSDP: every rank must run the same number of forwards (each gathers the weights with the others)
+    sharded = world_size > 1 and is_sharded(next(model.parameters()))
+    rounds = -(-len(batches) // world_size) * world_size if sharded else len(batches)
+    for index in tqdm(range(rounds), desc="eval", disable=not progress, unit="batch"):
         if index % world_size != rank:
             continue
+        if index >= len(batches):
+            with autocast:
+                model(input_ids=batches[0][0][:1].to(device))  # a forward that only keeps the ranks in step
+            continue
+        x, y = batches[index]
         x, y = x.to(device), y.to(device)
         t0 = time.perf_counter()
         with autocast:

@@ -13,7 +13,8 @@ places (see `lmprune.pruning.hooks`):
       no:  the step is skipped: weights, AdamW moments and the method's statistics stay untouched
     zero_grad
     hook.after_optimizer_step -> StepEvents   (also on a skipped step, so no scheduled update is lost)
-    if events.compact: trainer.optimizer = hook.compact(...); trainer.rewrap()   (DDP, compile, FLOPs)
+    if events.compact: trainer.compact()   hook.compact(...), then rewrap (DDP, compile, FLOPs); under
+                       FSDP on a gathered copy, re-sharded after (`lmprune.sharding.compact_sharded`)
 
 The finiteness check is the step's one host sync; the returned loss and grad norm stay device tensors.
 """
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmprune.config import TrainConfig
-from lmprune.distill import Distiller
+from lmprune import sharding
+from lmprune.distill import Distiller, save_snapshot
 from lmprune.loader import TokenLoader
 from lmprune.models import forward_flops_per_token
 from lmprune.optim import set_lr
@@ -115,6 +117,8 @@ class Trainer:
     distiller: Distiller | None = None
     teacher_dir: Path | None = None
     """Where rank 0 saves the KD teacher snapshot (None: not saved)."""
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None
+    """Builds the run's optimizer on a model (needed to re-shard after compaction under FSDP)."""
     wrapped: nn.Module | None = None
     forward: Callable[..., Any] | None = None
     step_flops: float = 0.0
@@ -126,10 +130,45 @@ class Trainer:
     def tokens_per_step(self) -> int:
         return self.tcfg.batch_size * self.tcfg.seq_len * self.tcfg.grad_accum * self.info.world_size
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 under torchrun (train.parallel: fsdp): `model` is itself the sharded module."""
+        return sharding.uses_fsdp(self.tcfg.parallel, self.info.world_size)
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """fully_shard `model` the run's way (per layer + root, bf16 policy, per-layer compile)."""
+        return sharding.shard_model(model, self.tcfg.dtype, self.tcfg.compile)
+
     def rewrap(self) -> None:
-        """DDP, torch.compile and the FLOP count follow the current parameters (after compaction too)."""
-        self.wrapped = wrap_ddp(self.model, self.info, self.device)
-        self.forward = torch.compile(self.wrapped) if self.tcfg.compile else self.wrapped
+        """DDP, torch.compile and the FLOP count follow the current parameters (after compaction too).
+        Under FSDP the model was sharded (and its layers compiled) where it was built."""
+        if self.sharded:
+            self.wrapped = self.forward = self.model
+        else:
+            self.wrapped = wrap_ddp(self.model, self.info, self.device)
+            self.forward = torch.compile(self.wrapped) if self.tcfg.compile else self.wrapped
+        self.count_flops()
+
+    def compact(self) -> None:
+        """The method shrinks the model (`hook.compact`); the optimizer and wrappers follow."""
+        if not self.sharded:
+            self.optimizer = self.hook.compact(self.model, self.optimizer)
+        else:
+            self.model, self.optimizer = sharding.compact_sharded(
+                self.model, self.optimizer, self.hook.compact, self.make_optimizer, self.shard, self.device)
+            state = self.hook.state_dict()  # rebind the method to the new modules, as on resume
+            self.hook.apply(self.model)
+            self.hook.load_state_dict(state)
+        self.rewrap()
+
+    def snapshot_teacher(self) -> None:
+        """KD teacher = the model as it is now (frozen); rank 0 saves it to `teacher_dir`."""
+        save_dir = self.teacher_dir if self.info.is_main else None
+        if not self.sharded:
+            self.distiller.snapshot_teacher(self.model, save_dir)
+        else:
+            save = (lambda plain: save_snapshot(plain, save_dir)) if save_dir is not None else None
+            self.distiller.teacher = sharding.sharded_teacher(self.model, self.shard, self.device, save)
         self.count_flops()
 
     def count_flops(self) -> None:
@@ -158,8 +197,7 @@ def train_step(trainer: Trainer, state: TrainState) -> StepOutput:
     tcfg, step, hook = trainer.tcfg, state.step, trainer.hook
     if trainer.distiller is not None and trainer.distiller.teacher is None and step == trainer.plan.kd_start:
         # KD teacher = the enlarged model as it is when pruning starts
-        trainer.distiller.snapshot_teacher(trainer.model, trainer.teacher_dir if trainer.info.is_main else None)
-        trainer.count_flops()
+        trainer.snapshot_teacher()
     lr = trainer.plan.lr_at(step, tcfg.lr, tcfg.lr_end, tcfg.warmup)
     set_lr(trainer.optimizer, lr)
     trainer.wrapped.train()
@@ -170,6 +208,8 @@ def train_step(trainer: Trainer, state: TrainState) -> StepOutput:
         if hook is not None:
             hook.after_backward(trainer.model, step)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), tcfg.grad_clip or float("inf"))
+        if sharding.is_sharded(grad_norm):
+            grad_norm = grad_norm.full_tensor()
         if isinstance(hook, RegularizingHook):  # a regulariser's gradient never enters the clip norm
             hook.after_clip(trainer.model, step)
         trainer.optimizer.step()
@@ -180,14 +220,13 @@ def train_step(trainer: Trainer, state: TrainState) -> StepOutput:
     state.flops += trainer.step_flops  # the model as it was during this step
     events = hook.after_optimizer_step(trainer.model, trainer.optimizer, step) if hook is not None else NO_EVENTS
     if events.compact:
-        trainer.optimizer = hook.compact(trainer.model, trainer.optimizer)
-        trainer.rewrap()
+        trainer.compact()
     return StepOutput(loss_sum / tcfg.grad_accum, grad_norm, lr, events, skipped=not finite)
 
 
 def loss_and_grads_finite(trainer: Trainer, loss_sum: torch.Tensor) -> bool:
     """Whether this step's loss and every gradient are finite, on every rank (a MAX all-reduce)."""
-    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    grads = [sharding.local(p.grad) for p in trainer.model.parameters() if p.grad is not None]  # FSDP: shards
     bad = ~torch.isfinite(loss_sum)
     if grads:
         norms = torch._foreach_norm(grads)  # one fused pass; inf/NaN propagate into the norms
@@ -207,8 +246,8 @@ def forward_backward(trainer: Trainer, step: int) -> torch.Tensor:
         x, y = trainer.loader.next_batch()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         last = micro == tcfg.grad_accum - 1
-        # DDP all-reduces gradients only on the last micro-batch
-        with trainer.wrapped.no_sync() if trainer.info.world_size > 1 and not last else nullcontext():
+        # DDP / FSDP reduce gradients only on the last micro-batch
+        with gradient_sync(trainer, last):
             with autocast:
                 logits = trainer.forward(input_ids=x).logits
                 loss = lm_loss(logits, y)
@@ -217,6 +256,14 @@ def forward_backward(trainer: Trainer, step: int) -> torch.Tensor:
             (loss / tcfg.grad_accum).backward()
         loss_sum += loss.detach()
     return loss_sum
+
+
+def gradient_sync(trainer: Trainer, last: bool):
+    """The context of one micro-batch's backward: no gradient reduction before the last one."""
+    if trainer.sharded:
+        trainer.wrapped.set_requires_gradient_sync(last)
+        return nullcontext()
+    return trainer.wrapped.no_sync() if trainer.info.world_size > 1 and not last else nullcontext()
 
 
 def step_flops_of(model: nn.Module, distiller: Distiller | None, seq_len: int, tokens: int) -> float:

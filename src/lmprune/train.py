@@ -24,6 +24,8 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmprune import checkpoint as ckpt
+from lmprune import sharded_checkpoint as sharded_ckpt
+from lmprune import sharding
 from lmprune.atomic import write_json
 from lmprune.config import RunConfig
 from lmprune.data import PreparedData, ensure_prepared
@@ -88,12 +90,16 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, quiet: bool = Fal
 
 # ----------------------------------------------------------------------------- setup
 
-def init_distributed(device_pref: str) -> tuple[Dist, torch.device]:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, nccl on GPU."""
+def init_distributed(device_pref: str, parallel: str = "ddp") -> tuple[Dist, torch.device]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, nccl on GPU. FSDP needs torchrun."""
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if device_pref == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device is cuda but no CUDA device is available")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if parallel == "fsdp" and "RANK" not in os.environ:
+        raise UserError("train.parallel is fsdp but this process was not started by torchrun (no RANK in the "
+                        "environment): launch it with `torchrun --nproc_per_node N -m lmprune train ...`, "
+                        "or set train.parallel: ddp")
     info = Dist()
     if world_size > 1:
         if not dist.is_initialized():
@@ -110,7 +116,7 @@ def setup_run(cfg: RunConfig, out_dir: Path, resume: bool = False) -> Run:
     data, model, method, optimizer, teacher. Rank 0 holds OUT's lock from here on; if setup fails,
     --out is left as it was found (no run_config.json, no lock file, no dir it created)."""
     plan = validate_run(cfg)
-    info, device = init_distributed(cfg.train.device)
+    info, device = init_distributed(cfg.train.device, cfg.train.parallel)
     lock = RunLock(out_dir)
     if info.is_main:
         lock.acquire()
@@ -134,9 +140,15 @@ def _setup_locked(cfg: RunConfig, plan: Plan, out_dir: Path, resume: bool, info:
     if info.is_main:
         clean_leftovers(out_dir)
     resume_from = find_resume_checkpoint(out_dir / "checkpoints") if resume else None
+    tcfg = resumed_batch(tcfg, resume_from, info.world_size)
     data = prepare_data(cfg, info)
     check_data(data, tcfg)
     model = make_model(cfg, plan, data, resume_from).to(device)
+    if tcfg.activation_checkpointing:  # each decoder layer recomputes its activations in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fsdp = sharding.uses_fsdp(tcfg.parallel, info.world_size)
+    if fsdp:  # before the optimizer: it holds the shards
+        sharding.shard_model(model, tcfg.dtype, tcfg.compile)
     make_optimizer = lambda m: build_optimizer(m, tcfg)  # noqa: E731  (also rebuilds it after compaction)
     hook = make_hook(plan, data, cfg, make_optimizer)
     optimizer = make_optimizer(model)
@@ -144,10 +156,12 @@ def _setup_locked(cfg: RunConfig, plan: Plan, out_dir: Path, resume: bool, info:
     if hook is not None:
         hook.apply(model)
     if resume_from is not None:
-        restore_checkpoint(resume_from, optimizer, hook, state)
+        restore_checkpoint(resume_from, model, optimizer, hook, state, info.rank)
     distiller = make_distiller(cfg, plan, out_dir, state.step, device, model)
+    if fsdp and distiller is not None and distiller.teacher is not None:
+        sharding.shard_model(distiller.teacher, tcfg.dtype)  # the teacher is sharded too (no optimizer)
     trainer = Trainer(tcfg, plan, model, optimizer, state.loader, device, info, hook, distiller,
-                      teacher_dir=out_dir / "teacher")
+                      teacher_dir=out_dir / "teacher", make_optimizer=make_optimizer)
     metrics = MetricsLog(out_dir / "metrics.jsonl", info.is_main, state.step)
     return Run(cfg, trainer, state, data, out_dir, metrics, run_config, lock)
 
@@ -162,9 +176,41 @@ def find_resume_checkpoint(ckpt_root: Path) -> Path | None:
     return found
 
 
-def restore_checkpoint(path: Path, optimizer: torch.optim.Optimizer, hook: TrainingHook | None,
-                       state: TrainState) -> None:
-    """Optimizer, RNG, method and train state from a checkpoint (the weights are loaded with the model)."""
+def resumed_batch(tcfg, resume_from: Path | None, world_size: int):
+    """The train config with the per-rank batch that keeps the checkpoint's global batch when resuming
+    at another world size (so the run continues on the same data); UserError if it does not divide."""
+    if resume_from is None:
+        return tcfg
+    saved_world = int(checkpoint_meta(resume_from)["trainer_state"].get("world_size", 1))
+    if saved_world == world_size:
+        return tcfg
+    global_batch = tcfg.batch_size * saved_world
+    if global_batch % world_size:
+        raise UserError(f"checkpoint {resume_from.name} was written by {saved_world} ranks with a global batch of "
+                        f"{global_batch} sequences (train.batch_size {tcfg.batch_size} x {saved_world}), which "
+                        f"world size {world_size} does not divide; resume with a world size that divides it")
+    return tcfg.model_copy(update={"batch_size": global_batch // world_size})
+
+
+def checkpoint_meta(path: Path) -> dict:
+    """The JSON parts of a checkpoint of either layout (plain or sharded)."""
+    if sharded_ckpt.is_sharded_checkpoint(path):
+        return sharded_ckpt.load_sharded_meta(path)
+    return ckpt.load_checkpoint_meta(path)
+
+
+def restore_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       hook: TrainingHook | None, state: TrainState, rank: int = 0) -> None:
+    """Optimizer, RNG, method and train state from a checkpoint (plain weights were loaded with the
+    model; a sharded checkpoint's are loaded here, into the plain or FSDP model)."""
+    if sharded_ckpt.is_sharded_checkpoint(path):
+        meta = sharded_ckpt.load_sharded_meta(path)
+        sharded_ckpt.load_sharded_state(path, model, optimizer)
+        hook_state = sharded_ckpt.load_sharded_extra(path, meta["trainer_state"], rank)
+        if hook is not None and hook_state is not None:
+            hook.load_state_dict(hook_state)
+        state.load_state_dict(meta["trainer_state"])
+        return
     meta = ckpt.load_checkpoint_meta(path)
     trainer_state = meta["trainer_state"]
     ckpt.load_optimizer_state(path, optimizer, meta["optimizer"])
@@ -203,12 +249,13 @@ def make_model(cfg: RunConfig, plan: Plan, data: PreparedData, resume_from: Path
     """The model to train: from a checkpoint's HF config, a local HF dir, or a preset (at the plan's width)."""
     if resume_from is not None:
         # The checkpoint's own HF config: after compaction the shapes differ from the config's.
-        saved = dict(ckpt.load_checkpoint_meta(resume_from)["model_config"])
+        saved = dict(checkpoint_meta(resume_from)["model_config"])
         if "auto_map" in saved:
             raise UserError(f"checkpoint {resume_from}: model_config.json asks for remote code (auto_map)")
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(saved.pop("model_type"), **saved),
                                                  trust_remote_code=False)
-        ckpt.load_model_weights(resume_from, model)
+        if not sharded_ckpt.is_sharded_checkpoint(resume_from):  # sharded: loaded with the optimizer
+            ckpt.load_model_weights(resume_from, model)
         return model.float()
     if cfg.model.path:
         model = load_hf_model(resolve_model(cfg.model.path)).float()
@@ -343,6 +390,13 @@ def save_checkpoint(run: Run) -> Path:
     """Checkpoint the run as it is now (rank 0 writes; every rank waits); its path."""
     trainer = run.trainer
     root = run.out_dir / "checkpoints"
+    if run.cfg.train.parallel == "fsdp":  # sharded (DCP): every rank writes its part
+        trainer_state = dict(run.state.state_dict(), world_size=trainer.info.world_size)
+        hook_state = trainer.hook.state_dict() if trainer.hook is not None else None
+        return sharded_ckpt.save_sharded_checkpoint(root, run.state.step, trainer.model, trainer.optimizer,
+                                                    trainer_state, run.run_config, hook_state,
+                                                    run.cfg.train.keep_last, trainer.info.rank,
+                                                    trainer.info.world_size)
     if trainer.info.is_main:
         hook_state = trainer.hook.state_dict() if trainer.hook is not None else None
         trainer_state = dict(run.state.state_dict(), world_size=trainer.info.world_size)
@@ -361,11 +415,16 @@ def finish(run: Run, final_val_loss: float | None = None) -> TrainResult:
     val_loss = final_val_loss if final_val_loss is not None else evaluate(run)
     if not math.isfinite(val_loss):
         raise NonFiniteError(f"the final val loss is {val_loss}; nothing exported (the newest checkpoint is kept)")
-    fingerprints = rank_fingerprints(model, info)
+    params = count_parameters(model)
+    if trainer.sharded:  # the export is the full model, gathered on rank 0 (the shards differ by design)
+        model = sharding.gathered_copy(model)
+        fingerprints = rank_fingerprints(model, Dist()) if info.is_main else []
+    else:
+        fingerprints = rank_fingerprints(model, info)
     if len(set(fingerprints)) > 1:
         raise RuntimeError(f"ranks ended with different weights: {fingerprints}")
     result = TrainResult(out_dir, out_dir / "final", val_loss, math.exp(val_loss), state.train_tok_per_s,
-                         count_parameters(model), tcfg.steps, state.tokens, is_main=info.is_main)
+                         params, tcfg.steps, state.tokens, is_main=info.is_main)
     if info.is_main:
         patterns = getattr(trainer.hook, "export_patterns", None) or DEFAULT_PATTERNS
         export_final(model, run.data, result.final_dir, tcfg.export_sparse, patterns)

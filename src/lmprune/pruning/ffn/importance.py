@@ -36,10 +36,11 @@ import torch
 from torch import Tensor
 
 from lmprune.errors import UserError
+from lmprune.sharding import is_sharded
 
 __all__ = [
     "LINEAR_REDUCTIONS", "REDUCTIONS", "SensitivityEMA", "combine_matrices", "magnitude_scores",
-    "neuron_scores", "random_scores", "reduce_neuron_slices",
+    "neuron_scores", "random_scores", "reduce_neuron_slices", "sharded_neuron_slices",
 ]
 
 MATRICES = ("gate", "up", "down")
@@ -92,6 +93,9 @@ def neuron_scores(gate: Tensor, up: Tensor, down: Tensor, f1: str, f2: str,
 
 def magnitude_scores(gate_w: Tensor, up_w: Tensor, down_w: Tensor, f1: str, f2: str) -> Tensor:
     """Neuron scores from |w| (no history needed): [inter]."""
+    if is_sharded(gate_w):
+        reduced = sharded_neuron_slices([[gate_w.detach().abs(), up_w.detach().abs(), down_w.detach().abs()]], f1)
+        return combine_matrices(reduced[0], f2)
     dtype = torch.promote_types(gate_w.dtype, torch.float32)
     return neuron_scores(gate_w.detach().abs(), up_w.detach().abs(), down_w.detach().abs(), f1, f2, dtype)
 
@@ -99,6 +103,38 @@ def magnitude_scores(gate_w: Tensor, up_w: Tensor, down_w: Tensor, f1: str, f2: 
 def random_scores(num_layers: int, width: int, generator: torch.Generator) -> Tensor:
     """Uniform random neuron scores [num_layers, width] from a (CPU) generator the caller owns and saves."""
     return torch.rand(num_layers, width, generator=generator)
+
+
+# Under FSDP each rank holds some gate/up rows (whole neurons) and some down rows (a part of every
+# neuron's column): f1 is then a per-rank partial vector [3, inter] combined by one all-reduce.
+_SHARDED_PARTIAL: dict[str, tuple[str, Callable[[Tensor, int], Tensor]]] = {
+    "mean": ("sum", lambda x, dim: x.sum(dim, dtype=torch.float32)),
+    "sum": ("sum", lambda x, dim: x.sum(dim, dtype=torch.float32)),
+    "max": ("max", lambda x, dim: x.amax(dim).float()),
+    "l2": ("sum", lambda x, dim: x.float().square().sum(dim)),
+}
+
+
+def sharded_neuron_slices(layers: Sequence[Sequence[Tensor]], f1: str) -> Tensor:
+    """f1 over each neuron's slices, [L, 3, inter] fp32, from per-weight scores given as dim-0 sharded
+    DTensors (gate, up, down) per layer: local partial vectors, then ONE all-reduce of L*3*inter numbers."""
+    from lmprune.sharding import all_reduce_, local, row_range
+
+    op, reduce = _SHARDED_PARTIAL[f1]
+    gate0 = layers[0][0]
+    width, hidden = gate0.shape
+    partial = torch.zeros(len(layers), 3, width, dtype=torch.float32, device=local(gate0).device)
+    for index, (gate, up, down) in enumerate(layers):
+        start, stop = row_range(gate)
+        partial[index, 0, start:stop] = reduce(local(gate), 1)
+        partial[index, 1, start:stop] = reduce(local(up), 1)
+        partial[index, 2] = reduce(local(down), 0)  # this rank's share of every neuron's column
+    all_reduce_(partial, op)
+    if f1 == "mean":
+        partial /= hidden
+    elif f1 == "l2":
+        partial.sqrt_()
+    return partial
 
 
 def _ema_update(stored: Tensor, value: Tensor, lam: float) -> Tensor:
@@ -153,6 +189,15 @@ class SensitivityEMA:
     def update(self, weights: Sequence[Sequence[Tensor]], grads: Sequence[Sequence[Tensor]]) -> None:
         """Fold one step's I = |w * grad| into the EMA; weights[l] / grads[l] = (gate, up, down) of layer l."""
         lam = self.ema
+        if not self.per_weight and is_sharded(weights[0][0]):
+            scores = [[torch.mul(w, g).abs_() for w, g in zip(layer_w, layer_g, strict=True)]
+                      for layer_w, layer_g in zip(weights, grads, strict=True)]
+            reduced = sharded_neuron_slices(scores, self.f1)  # [L, 3, inter], identical on every rank
+            for layer in range(self.num_layers):
+                for index in range(len(MATRICES)):
+                    _ema_update(self.neuron_ema[layer, index], reduced[layer, index], lam)
+            self.updates += 1
+            return
         for layer, (layer_w, layer_g) in enumerate(zip(weights, grads, strict=True)):
             for index, (name, w, g) in enumerate(zip(MATRICES, layer_w, layer_g, strict=True)):
                 sensitivity = torch.mul(w, g).abs_()  # I, same shape as w

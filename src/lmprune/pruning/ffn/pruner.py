@@ -58,6 +58,7 @@ from lmprune.pruning.ffn.compaction import (
 )
 from lmprune.pruning.ffn.importance import SensitivityEMA, magnitude_scores, random_scores
 from lmprune.pruning.surgery import count_parameters
+from lmprune.sharding import index_fill_, is_sharded
 from lmprune.pruning.hooks import StepEvents
 from lmprune.schedules import cubic_ramp
 
@@ -267,6 +268,11 @@ class FFNPruner:
     def apply(self, model: nn.Module) -> None:
         """Find the FFN blocks and set up masks (all kept) and importance state, or restore a loaded state."""
         blocks = ffn_blocks(model)
+        if is_sharded(blocks[0].gate_proj.weight) and self.cfg.importance == "sensitivity" and (
+                self.cfg.uncertainty or self.cfg.f1 not in ("mean", "sum")):
+            raise UserError(f"prune.importance sensitivity with f1 {self.cfg.f1!r} / uncertainty "
+                            f"{self.cfg.uncertainty} needs per-weight buffers, which train.parallel fsdp does "
+                            "not shard: use f1 mean or sum without uncertainty, or parallel ddp")
         self._blocks = blocks
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
@@ -384,7 +390,7 @@ class FFNPruner:
         for block, pruned in self._with_pruned():
             for param, axis in neuron_params(block):
                 if param.grad is not None:
-                    param.grad.index_fill_(axis, pruned, 0.0)
+                    index_fill_(param.grad, axis, pruned)  # FSDP: on this rank's shard
 
     @torch.no_grad()
     def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> StepEvents:
@@ -405,7 +411,7 @@ class FFNPruner:
                 self._tracker = None  # importance is no longer needed: free it
         for block, pruned in self._with_pruned():
             for param, axis in neuron_params(block):
-                param.index_fill_(axis, pruned, 0.0)
+                index_fill_(param, axis, pruned)
         return StepEvents(mask_updated=mask_updated, compact=self.finished and cfg.compact)
 
     def compact(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -455,7 +461,7 @@ class FFNPruner:
             for param, axis in neuron_params(block):
                 for value in optimizer.state.get(param, {}).values():
                     if torch.is_tensor(value) and value.shape == param.shape:  # moments, not `step`
-                        value.index_fill_(axis, pruned, 0.0)
+                        index_fill_(value, axis, pruned)
 
     def _with_pruned(self) -> list[tuple[nn.Module, Tensor]]:
         if self.compacted or self._kept_total == self.keep_mask.numel():
