@@ -6,7 +6,8 @@ Layout of `OUT/checkpoints/step-NNNNNN/` (manifest `"layout": "dcp"`):
   shard-0000R-model-00001-of-00001.safetensors   rank R's slices of the weights ("model.*") and AdamW
                                                  moments ("optim.<param>.<key>"), with DCP's chunk offsets
   optimizer.json       the param groups (names, hyper-parameters)
-  rng-rankR.safetensors / rng-rankR.json          rank R's RNG states
+  rank-R.safetensors / rank-R.json                rank R's RNG states; the json also holds the sha256 of
+                                                 rank R's pruning state (masks), equal on every rank
   extra.safetensors    pruner tensors            trainer_state.json  step, tokens, loader, pruner
   model_config.json    HF config (shape after pruning)               run_config.json
   manifest.json        sha256 + size of every file above, written last by rank 0
@@ -17,9 +18,12 @@ DCP reshards on load, so a checkpoint written by W ranks resumes on any world si
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +82,11 @@ def save_sharded_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimi
     _barrier(world_size)
     flat, _, optim_state = _flat_state(model, optimizer)
     with atomic.disk_full_is_user_error(final):
-        dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+        with _single_process_quiet(world_size):
+            dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
         rng_tensors, rng_meta = ckpt.capture_rng()
-        save_file(rng_tensors, str(tmp / f"rng-rank{rank}.safetensors"))
-        atomic.write_json(tmp / f"rng-rank{rank}.json", rng_meta)
+        save_file(rng_tensors, str(tmp / f"rank-{rank}.safetensors"))
+        atomic.write_json(tmp / f"rank-{rank}.json", {"rng": rng_meta, "pruner_sha256": state_digest(pruner_state)})
         _barrier(world_size)
         if rank == 0:
             _finish_dir(tmp, final, step, model, optim_state, trainer_state, run_config, pruner_state, world_size)
@@ -145,18 +150,44 @@ def load_sharded_state(path: Path, model: nn.Module, optimizer: torch.optim.Opti
         if tuple(saved[key].size) != tuple(tensor.shape):
             raise UserError(f"checkpoint {path}: {key} has shape {tuple(saved[key].size)}, the model "
                             f"{tuple(tensor.shape)} (a checkpoint of another model config)")
-    dcp.load(flat, storage_reader=reader)
+    with _single_process_quiet(1 if not dist.is_initialized() else dist.get_world_size()):
+        dcp.load(flat, storage_reader=reader)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                    options=StateDictOptions(strict=False))  # tied weights are saved once
 
 
 def load_sharded_extra(path: Path, trainer_state: dict, rank: int) -> dict[str, Any] | None:
     """Restore this rank's RNG (rank 0's when the checkpoint had fewer ranks); the pruner state."""
-    name = f"rng-rank{rank}" if (path / f"rng-rank{rank}.json").is_file() else "rng-rank0"
-    ckpt.restore_rng(load_file(str(path / f"{name}.safetensors")), json.loads((path / f"{name}.json").read_text()))
+    name = f"rank-{rank}" if (path / f"rank-{rank}.json").is_file() else "rank-0"
+    meta = json.loads((path / f"{name}.json").read_text())
+    ckpt.restore_rng(load_file(str(path / f"{name}.safetensors")), meta["rng"])
     if trainer_state.get("pruner") is None:
         return None
     return ckpt.join_state(load_file(str(path / "extra.safetensors")), trainer_state["pruner"], "pruner")
+
+
+def state_digest(state: dict[str, Any] | None) -> str | None:
+    """sha256 of a pruning state (tensors by bytes, the rest as JSON): ranks must agree on it."""
+    if state is None:
+        return None
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        value = state[key]
+        digest.update(key.encode())
+        if torch.is_tensor(value):
+            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(json.dumps(value, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+@contextmanager
+def _single_process_quiet(world_size: int):
+    """DCP warns that it assumes one process when there is no process group: that is intended here."""
+    with warnings.catch_warnings():
+        if world_size == 1:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _barrier(world_size: int) -> None:
