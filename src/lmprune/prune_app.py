@@ -33,6 +33,7 @@ from lmprune.models import check_model_dir, load_hf_model
 from lmprune.pruning.pretrained.oneshot import FFN_CRITERIA, PrunePlan, plan_pruning, prune_model, solve_for_target_params
 from lmprune.pruning.surgery import FAMILIES, count_parameters
 from lmprune.sources import DTYPES, resolve_model
+from lmprune.sharding import join_torchrun
 
 REPORT_FILE = "prune_report.json"
 DEFAULT_CALIB_SEQ_LEN = 256  # capped by the model's max positions; never the max positions by default
@@ -116,8 +117,10 @@ def prune_pretrained(request: PruneRequest, progress: bool = True) -> dict[str, 
     measure_args = (data.val, request.batch_size, eval_seq_len, request.max_eval_tokens, device, request.dtype,
                     progress)
     before = measure(model, *measure_args)
+    rank, world = join_torchrun(device)  # under torchrun: each rank calibrates on its share, sums all-reduced
     t0 = time.perf_counter()
-    pruned = prune_model(model, calibration_batches(data.train, starts, calib_seq_len, request.batch_size),
+    batches = calibration_batches(data.train, starts, calib_seq_len, request.batch_size)[rank::world]
+    pruned = prune_model(model, batches,
                          request.criterion, ffn_ratio=request.ffn_ratio, heads_ratio=request.heads_ratio,
                          drop_layers=request.drop_layers, target_params=request.target_params,
                          round_to=request.round_to)
@@ -136,7 +139,10 @@ def prune_pretrained(request: PruneRequest, progress: bool = True) -> dict[str, 
         "throughput_shape": [THROUGHPUT_BATCH, min(THROUGHPUT_SEQ_LEN, eval_seq_len)],
         "dtype": request.dtype, "device": request.device, "prune_seconds": prune_seconds, "out": str(out_dir),
     }
-    save_pruned(model, tokenizer, out_dir, report, request.overwrite)
+    if rank == 0:
+        save_pruned(model, tokenizer, out_dir, report, request.overwrite)
+    if world > 1:
+        torch.distributed.barrier()
     return report
 
 

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["all_reduce_", "compact_sharded", "full_model_state", "gathered_copy", "index_fill_", "is_sharded",
-           "local", "row_range", "shard_model", "sharded_from_full", "sharded_teacher", "uses_fsdp"]
+__all__ = ["all_reduce_", "compact_sharded", "full_model_state", "gather_rows", "gathered_copy", "join_torchrun", "index_fill_", "is_sharded",
+           "local", "row_range", "shard_model", "sharded_from_full", "sharded_teacher", "sum_over_ranks", "uses_fsdp"]
 
 
 def uses_fsdp(parallel: str, world_size: int) -> bool:
@@ -62,6 +62,18 @@ def all_reduce_(tensor: Tensor, op: str = "sum") -> Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return tensor
+
+
+def gather_rows(shard: Tensor, rows: int) -> Tensor:
+    """The full tensor of `rows` rows from every rank's dim-0 shard (torch.chunk layout); a collective."""
+    world = dist.get_world_size()
+    chunk = -(-rows // world)
+    wire = torch.uint8 if shard.dtype == torch.bool else shard.dtype  # gloo has no bool
+    padded = torch.zeros((chunk, *shard.shape[1:]), dtype=wire, device=shard.device)
+    padded[:shard.shape[0]] = shard
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:rows].to(shard.dtype)
 
 
 def index_fill_(tensor: Tensor, axis: int, indices: Tensor, value: float = 0.0) -> None:
@@ -203,3 +215,31 @@ def _load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimiz
         group.update({k: v for k, v in saved.items() if k != "params"})
     for name, values in named["state"].items():
         optimizer.state[params[name]] = {k: v.clone() if torch.is_tensor(v) else v for k, v in values.items()}
+
+
+def join_torchrun(device: torch.device) -> tuple[int, int]:
+    """(rank, world size): joins the torchrun job's process group when WORLD_SIZE > 1 (gloo on CPU)."""
+    import os
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+
+
+def sum_over_ranks(stats: Any) -> Any:
+    """Sum a statistics dataclass over the ranks in place: every tensor is all-reduced, every int summed
+    (nested dataclasses and lists too). Identity outside a distributed job; returns `stats`."""
+    import dataclasses
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return stats
+    for field in dataclasses.fields(stats):
+        value = getattr(stats, field.name)
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if torch.is_tensor(item):
+                all_reduce_(item)
+            elif dataclasses.is_dataclass(item):
+                sum_over_ranks(item)
+        if isinstance(value, int) and not isinstance(value, bool):
+            setattr(stats, field.name, int(all_reduce_(torch.tensor([value], dtype=torch.int64))))
+    return stats

@@ -181,14 +181,15 @@ def resumed_batch(tcfg, resume_from: Path | None, world_size: int):
     at another world size (so the run continues on the same data); UserError if it does not divide."""
     if resume_from is None:
         return tcfg
-    saved_world = int(checkpoint_meta(resume_from)["trainer_state"].get("world_size", 1))
-    if saved_world == world_size:
+    saved = checkpoint_meta(resume_from)["trainer_state"]
+    saved_world = int(saved.get("world_size", 1))
+    global_batch = int(saved.get("global_batch", tcfg.batch_size * saved_world))  # older checkpoints: the config's
+    if global_batch == tcfg.batch_size * world_size:
         return tcfg
-    global_batch = tcfg.batch_size * saved_world
     if global_batch % world_size:
         raise UserError(f"checkpoint {resume_from.name} was written by {saved_world} ranks with a global batch of "
-                        f"{global_batch} sequences (train.batch_size {tcfg.batch_size} x {saved_world}), which "
-                        f"world size {world_size} does not divide; resume with a world size that divides it")
+                        f"{global_batch} sequences ({global_batch // saved_world} per rank), which world size "
+                        f"{world_size} does not divide; resume with a world size that divides it")
     return tcfg.model_copy(update={"batch_size": global_batch // world_size})
 
 
@@ -391,7 +392,8 @@ def save_checkpoint(run: Run) -> Path:
     trainer = run.trainer
     root = run.out_dir / "checkpoints"
     if run.cfg.train.parallel == "fsdp":  # sharded (DCP): every rank writes its part
-        trainer_state = dict(run.state.state_dict(), world_size=trainer.info.world_size)
+        trainer_state = dict(run.state.state_dict(), world_size=trainer.info.world_size,
+                             global_batch=trainer.tcfg.batch_size * trainer.info.world_size)
         hook_state = trainer.hook.state_dict() if trainer.hook is not None else None
         return sharded_ckpt.save_sharded_checkpoint(root, run.state.step, trainer.model, trainer.optimizer,
                                                     trainer_state, run.run_config, hook_state,
@@ -399,7 +401,8 @@ def save_checkpoint(run: Run) -> Path:
                                                     trainer.info.world_size)
     if trainer.info.is_main:
         hook_state = trainer.hook.state_dict() if trainer.hook is not None else None
-        trainer_state = dict(run.state.state_dict(), world_size=trainer.info.world_size)
+        trainer_state = dict(run.state.state_dict(), world_size=trainer.info.world_size,
+                             global_batch=trainer.tcfg.batch_size * trainer.info.world_size)
         ckpt.save_checkpoint(root, run.state.step, trainer.model, trainer.optimizer,
                              trainer_state, run.run_config, hook_state, run.cfg.train.keep_last)
     trainer.info.barrier()

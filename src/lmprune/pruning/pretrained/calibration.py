@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from lmprune.errors import UserError
 from lmprune.pruning.surgery import attention_shape, decoder_layers
+from lmprune.sharding import sum_over_ranks
 
 __all__ = [
     "CRITERION_NEEDS", "FFN_CRITERIA", "HEAD_CRITERIA", "STAT_KINDS", "CalibStats", "ChannelStats", "collect_stats",
@@ -220,6 +221,7 @@ def collect_stats(model: nn.Module, calib_batches: Iterable[torch.Tensor], needs
         for p, flag in grad_flags:
             p.requires_grad_(flag)
         model.train(was_training)
+    sum_over_ranks(stats)  # under torchrun each rank saw its share of the batches
     if stats.batches == 0:
         raise UserError("no calibration batches: the calibration set is empty")
     return stats

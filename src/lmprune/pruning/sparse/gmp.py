@@ -141,7 +141,7 @@ class GMPPruner:
     def state_dict(self) -> dict[str, Any]:
         """Masks (bool tensors, CPU) + schedule position."""
         return {"method": "gmp", "threshold": self._threshold, "last_step": self._last_step,
-                **masks_to_state(self._keep)}
+                **masks_to_state(self._keep, self._params)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state_dict(); call before or after apply()."""

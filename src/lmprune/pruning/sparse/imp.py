@@ -26,6 +26,7 @@ from lmprune.pruning.sparse.masks import (
     Scope,
     check_patterns,
     checked_masks,
+    masks_to_state,
     magnitude_keep_masks,
     prunable_parameters,
     zero_fraction,
@@ -142,10 +143,7 @@ class IMPPruner:
         return StepEvents(mask_updated=pruned)
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"method": "imp", "round": self._round}
-        for name, keep in (self._keep or {}).items():
-            state[f"keep_mask.{name}"] = keep.cpu()
-        return state
+        return {"method": "imp", "round": self._round, **masks_to_state(self._keep, self._params)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("method") != "imp":

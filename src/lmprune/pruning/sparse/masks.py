@@ -6,6 +6,12 @@ saved in a pruner's state.
 
 Masks are dicts `param name -> bool tensor` with True = keep. Names are those of
 `model.named_parameters()` without DDP / torch.compile wrapper prefixes.
+
+Under FSDP (`train.parallel: fsdp`) a mask covers this rank's rows of its (dim-0 sharded) parameter;
+the global magnitude threshold comes from all-reduced per-tensor counts (the bisection below never
+concatenates weights), so every rank picks the same threshold and together they prune exactly what
+one process would. Saved masks are gathered to full size (`masks_to_state(keep, params)`), and a
+full mask is cut to the rank's rows when it is bound (`checked_masks`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lmprune.errors import UserError
+from lmprune.sharding import all_reduce_, gather_rows, is_sharded, local, row_range
 
 Scope = Literal["global", "per_layer"]
 
@@ -90,13 +97,13 @@ def masked_parameters(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str
 def zero_pruned_params_(params: Mapping[str, Tensor], keep: Mapping[str, Tensor]) -> None:
     with torch.no_grad():
         for name, p in params.items():
-            p.masked_fill_(keep[name].logical_not(), 0.0)  # +0.0, never -0.0
+            local(p).masked_fill_(keep[name].logical_not(), 0.0)  # +0.0, never -0.0
 
 
 def zero_pruned_grads_(params: Mapping[str, Tensor], keep: Mapping[str, Tensor]) -> None:
     for name, p in params.items():
         if p.grad is not None:
-            p.grad.mul_(keep[name])
+            local(p.grad).mul_(keep[name])
 
 
 def zero_pruned_moments_(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor],
@@ -105,7 +112,7 @@ def zero_pruned_moments_(optimizer: torch.optim.Optimizer, params: Mapping[str, 
     for name, p in params.items():
         for value in optimizer.state.get(p, {}).values():
             if isinstance(value, Tensor) and value.shape == p.shape:
-                value.masked_fill_(keep[name].logical_not(), 0)
+                local(value).masked_fill_(keep[name].logical_not(), 0)
 
 
 def apply_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
@@ -116,9 +123,11 @@ def apply_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
 def zero_fraction(weights: Mapping[str, Tensor] | Sequence[Tensor]) -> float:
     """Exact fraction of entries equal to zero over all given tensors."""
     tensors = list(weights.values()) if isinstance(weights, Mapping) else list(weights)
-    total = sum(t.numel() for t in tensors)
-    zeros = sum(int((t.detach() == 0).sum()) for t in tensors)
-    return zeros / total if total else 0.0
+    total = sum(t.numel() for t in tensors)  # global sizes, also of sharded tensors
+    zeros = torch.tensor([sum(int((local(t).detach() == 0).sum()) for t in tensors)], dtype=torch.int64)
+    if any(is_sharded(t) for t in tensors):
+        all_reduce_(zeros)
+    return int(zeros) / total if total else 0.0
 
 
 # ----------------------------------------------------------------------------- masks
@@ -128,13 +137,23 @@ def _abs_keys(w: Tensor) -> Tensor:
     return w.detach().abs().to(torch.float32).contiguous().view(torch.int32)
 
 
-def _select_smallest(weights: list[Tensor], eligible: list[Tensor | None], k: int) -> tuple[list[Tensor], float]:
+def _global_int(value: int, sharded: bool, op: str = "sum") -> int:
+    """An int summed (or maxed) over the ranks when the tensors are shards."""
+    if not sharded:
+        return value
+    return int(all_reduce_(torch.tensor([value], dtype=torch.int64), op))
+
+
+def _select_smallest(weights: list[Tensor], eligible: list[Tensor | None], k: int,
+                     sharded: bool = False) -> tuple[list[Tensor], float]:
     """Prune masks (True = prune) taking exactly k eligible entries with the smallest |w|.
 
     Ineligible entries (eligible False) are pruned as well, outside the count. The k-th smallest
     |w| is found by bisection on the float bit patterns, counting per tensor, so no copy of all
     weights is ever made (about 31 passes over the weights). Ties at the threshold go to earlier
     tensors first, then to lower flat indices. Returns the masks and the threshold |w|.
+    `sharded`: the tensors are this rank's row shards; counts are all-reduced (one int per pass) and
+    ties go to lower ranks first (their rows come first), so the masks are one process's masks, cut.
     """
     if k <= 0:
         masks = [e.logical_not() if e is not None else torch.zeros_like(w, dtype=torch.bool)
@@ -148,11 +167,11 @@ def _select_smallest(weights: list[Tensor], eligible: list[Tensor | None], k: in
             if e is not None:
                 hit &= e
             total += hit.sum().to(total.device)
-        return int(total)
+        return _global_int(int(total), sharded)
 
     # invariant: count(lo) < k <= count(hi); keys are >= 0 so count(-1) == 0
     lo, count_lo = -1, 0
-    hi = max(int(_abs_keys(w).max()) for w in weights if w.numel())
+    hi = _global_int(max((int(_abs_keys(w).max()) for w in weights if w.numel()), default=0), sharded, "max")
     while hi - lo > 1:
         mid = (lo + hi) // 2
         count = count_at_most(mid)
@@ -170,9 +189,7 @@ def _select_smallest(weights: list[Tensor], eligible: list[Tensor | None], k: in
             prune &= e
             at_limit &= e
         if ties_to_take > 0:
-            tie_index = at_limit.view(-1).nonzero().squeeze(1)[:ties_to_take]
-            prune.view(-1)[tie_index] = True
-            ties_to_take -= tie_index.numel()
+            ties_to_take = _take_ties(prune, at_limit, ties_to_take, sharded)
         if e is not None:
             prune |= e.logical_not()
         masks.append(prune)
@@ -180,13 +197,34 @@ def _select_smallest(weights: list[Tensor], eligible: list[Tensor | None], k: in
     return masks, threshold
 
 
+def _take_ties(prune: Tensor, at_limit: Tensor, ties_to_take: int, sharded: bool) -> int:
+    """Prune up to `ties_to_take` entries at the threshold, lowest flat index first (lower ranks first
+    when sharded); the number still to take."""
+    ties = at_limit.view(-1).nonzero().squeeze(1)
+    before, everywhere = 0, ties.numel()
+    if sharded:
+        import torch.distributed as dist
+        counts = torch.zeros(dist.get_world_size(), dtype=torch.int64)
+        counts[dist.get_rank()] = ties.numel()
+        all_reduce_(counts)
+        before, everywhere = int(counts[:dist.get_rank()].sum()), int(counts.sum())
+    mine = ties[:max(0, ties_to_take - before)]
+    prune.view(-1)[mine] = True
+    return max(0, ties_to_take - everywhere)
+
+
 def magnitude_keep_masks(weights: Mapping[str, Tensor], sparsity: float, scope: Scope = "global",
-                         previous_keep: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], float]:
+                         previous_keep: Mapping[str, Tensor] | None = None,
+                         sharded: bool | None = None) -> tuple[dict[str, Tensor], float]:
     """Keep masks pruning exactly round(sparsity * N) entries of smallest |w| (N over all tensors or per tensor).
 
     With `previous_keep`, previously pruned entries stay pruned and count toward the target
     (monotone masks). Returns (masks, threshold), threshold = the largest |w| newly pruned (0.0 if none).
+    Sharded DTensor weights (or `sharded=True` with row shards): masks of this rank's rows, one threshold.
     """
+    if sharded is None:
+        sharded = any(is_sharded(w) for w in weights.values())
+    weights = {name: local(w) for name, w in weights.items()}
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     names = list(weights)
@@ -201,9 +239,9 @@ def magnitude_keep_masks(weights: Mapping[str, Tensor], sparsity: float, scope: 
     for group in groups:
         tensors = [weights[name] for name in group]
         eligible = [previous_keep[name] if previous_keep is not None else None for name in group]
-        already_pruned = sum(int(e.logical_not().sum()) for e in eligible if e is not None)
-        k = max(0, round(sparsity * sum(t.numel() for t in tensors)) - already_pruned)
-        prune, group_threshold = _select_smallest(tensors, eligible, k)
+        already_pruned = _global_int(sum(int(e.logical_not().sum()) for e in eligible if e is not None), sharded)
+        k = max(0, round(sparsity * _global_int(sum(t.numel() for t in tensors), sharded)) - already_pruned)
+        prune, group_threshold = _select_smallest(tensors, eligible, k, sharded)
         threshold = max(threshold, group_threshold)
         keep.update({name: p.logical_not() for name, p in zip(group, prune)})
     return keep, threshold
@@ -224,9 +262,10 @@ def nm_keep_masks(weights: Mapping[str, Tensor], keep_n: int, group: int,
     Returns (masks, threshold), threshold = the largest |w| pruned.
     """
     check_nm_shapes(weights, group)
+    sharded = any(is_sharded(w) for w in weights.values())
     keep: dict[str, Tensor] = {}
     threshold = 0.0
-    for name, w in weights.items():
+    for name, w in ((name, local(w)) for name, w in weights.items()):  # groups run along the unsharded dim
         score = w.detach().abs().to(torch.float32).reshape(-1, group)  # [groups, M]
         if previous_keep is not None:
             score.masked_fill_(previous_keep[name].reshape(-1, group).logical_not(), -1.0)
@@ -237,6 +276,8 @@ def nm_keep_masks(weights: Mapping[str, Tensor], keep_n: int, group: int,
         pruned_scores = score.masked_fill(kept, -1.0)
         threshold = max(threshold, float(pruned_scores.max()) if pruned_scores.numel() else 0.0)
         keep[name] = kept.reshape(w.shape)
+    if sharded:
+        threshold = float(all_reduce_(torch.tensor([threshold], dtype=torch.float64), "max"))
     return keep, threshold
 
 
@@ -247,7 +288,7 @@ def compute_keep_masks(weights: Mapping[str, Tensor], sparsity: float, scope: Sc
     if nm is None:
         return magnitude_keep_masks(weights, sparsity, scope, previous_keep)
     if sparsity <= 0.0:
-        dense = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
+        dense = {name: torch.ones_like(local(w), dtype=torch.bool) for name, w in weights.items()}
         return (dict(previous_keep) if previous_keep is not None else dense), 0.0
     keep_n, group = parse_nm(nm)
     return nm_keep_masks(weights, keep_n, group, previous_keep)
@@ -258,8 +299,14 @@ def compute_keep_masks(weights: Mapping[str, Tensor], sparsity: float, scope: Sc
 _MASK_PREFIX = "keep_mask."
 
 
-def masks_to_state(keep: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-    return {} if keep is None else {_MASK_PREFIX + name: m.to("cpu", copy=True) for name, m in keep.items()}
+def masks_to_state(keep: Mapping[str, Tensor] | None,
+                   params: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Masks as state tensors (CPU), full size: masks of sharded `params` are gathered (a collective)."""
+    if keep is None:
+        return {}
+    params = params or {}
+    return {_MASK_PREFIX + name: (gather_rows(m, params[name].shape[0]) if is_sharded(params.get(name)) else m)
+            .to("cpu", copy=True) for name, m in keep.items()}
 
 
 def masks_from_state(state: Mapping[str, Any]) -> dict[str, Tensor] | None:
@@ -280,9 +327,13 @@ def checked_masks(params: Mapping[str, Tensor], keep: Mapping[str, Tensor]) -> d
                         "match the prunable parameters of this model/config")
     out = {}
     for name, p in params.items():
-        if tuple(keep[name].shape) != tuple(p.shape):
+        mask = keep[name]
+        if is_sharded(p) and tuple(mask.shape) == tuple(p.shape):  # a full (saved) mask: this rank's rows
+            start, stop = row_range(p)
+            mask = mask[start:stop]
+        if tuple(mask.shape) != tuple(local(p).shape):
             raise UserError(f"pruning mask {name!r} has shape {tuple(keep[name].shape)}, parameter {tuple(p.shape)}")
-        out[name] = keep[name].to(p.device)
+        out[name] = mask.to(local(p).device)
     return out
 
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor, nn
 
 from lmprune.errors import UserError
+from lmprune.sharding import all_reduce_, is_sharded, local
 from lmprune.pruning.hooks import StepEvents
 from lmprune.pruning.sparse.masks import (
     DEFAULT_PATTERNS,
@@ -203,9 +204,9 @@ class MGPPPruner:
             return
         norm_sq = None
         for p in self._params.values():
-            if p.grad is not None:
-                prior = mgpp_prior_grad(p, lam, self.cfg.s0, self.cfg.s1, self.cfg.n_train).mul_(eta)
-                p.grad.add_(prior)
+            if p.grad is not None:  # under FSDP on this rank's shard (the prior is elementwise)
+                prior = mgpp_prior_grad(local(p), lam, self.cfg.s0, self.cfg.s1, self.cfg.n_train).mul_(eta)
+                local(p.grad).add_(prior)
                 square = prior.float().square().sum()  # stays on the device: read only on logged steps
                 norm_sq = square if norm_sq is None else norm_sq + square
         self._prior_norm_sq = norm_sq
@@ -230,7 +231,7 @@ class MGPPPruner:
     def state_dict(self) -> dict[str, Any]:
         """Masks (bool tensors, CPU) + frozen flag + schedule position; everything else is a function of step."""
         return {"method": "mgpp", "frozen": self._frozen, "threshold": self._threshold,
-                "last_step": self._last_step, **masks_to_state(self._keep)}
+                "last_step": self._last_step, **masks_to_state(self._keep, self._params)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state_dict(); call before or after apply()."""
@@ -248,7 +249,10 @@ class MGPPPruner:
         """sparsity (exact zero fraction of prunable weights), target, threshold, lam, mask_frozen, and
         prior_grad_norm (norm of the last step's eta * prior gradient, 0 when the prior is off)."""
         step = max(self._last_step, 0)
-        prior = 0.0 if self._prior_norm_sq is None else float(self._prior_norm_sq.sqrt())
+        prior_sq = self._prior_norm_sq
+        if prior_sq is not None and any(is_sharded(p) for p in self._params.values()):
+            prior_sq = all_reduce_(prior_sq.detach().clone().view(1))  # every rank calls metrics() on a logged step
+        prior = 0.0 if prior_sq is None else float(prior_sq.sqrt())
         return {"sparsity": zero_fraction(self._params), "target_sparsity": mgpp_sparsity_at(step, self.cfg),
                 "threshold": self._threshold, "lam": mgpp_lam_at(step, self.cfg), "mask_frozen": self._frozen,
                 "prior_grad_norm": round(prior, 6)}

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor, nn
 
 from lmprune.errors import UserError
+from lmprune.sharding import is_sharded, local, row_range
 from lmprune.pruning.hooks import StepEvents
 from lmprune.pruning.sparse.masks import (
     DEFAULT_PATTERNS,
@@ -84,7 +85,11 @@ class RandomPruner:
 
     def _scores(self) -> dict[str, Tensor]:
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        return {name: torch.rand(p.shape, generator=generator).to(p.device) for name, p in self._params.items()}
+        scores = {}
+        for name, p in self._params.items():
+            start, stop = row_range(p)  # under FSDP: this rank's rows of the one seeded draw
+            scores[name] = torch.rand(p.shape, generator=generator)[start:stop].to(local(p).device)
+        return scores
 
     def _sparsity_at(self, step: int) -> float:
         cfg = self.cfg
@@ -108,14 +113,16 @@ class RandomPruner:
         cfg = self.cfg
         updated = cfg.t0 <= step <= cfg.t0 + cfg.n * cfg.dt and (step - cfg.t0) % cfg.dt == 0
         if updated:
-            self._keep, _ = magnitude_keep_masks(self._scores(), self._sparsity_at(step), "global", self._keep)
+            sharded = any(is_sharded(p) for p in self._params.values())
+            self._keep, _ = magnitude_keep_masks(self._scores(), self._sparsity_at(step), "global", self._keep,
+                                                 sharded=sharded)
             zero_pruned_moments_(optimizer, self._params, self._keep)
         if self._keep is not None:
             zero_pruned_params_(self._params, self._keep)
         return StepEvents(mask_updated=updated)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"method": "random", "last_step": self._last_step, **masks_to_state(self._keep)}
+        return {"method": "random", "last_step": self._last_step, **masks_to_state(self._keep, self._params)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_method(state, "random")
