@@ -28,6 +28,9 @@ from lmprune.pruning.sparse.masks import DEFAULT_PATTERNS
 RESUME_FREE_KEYS = {("train", "save_every"), ("train", "log_every"), ("train", "eval_every"),
                     ("train", "keep_last"), ("train", "sample_tokens"), ("out_dir",)}
 
+# Keys added after runs were made: an older run_config.json without them meant these values.
+ADDED_KEYS = {("train", "parallel"): "ddp", ("train", "activation_checkpointing"): False}
+
 
 def check_out_dir(out_dir: Path, run_config: dict, resume: bool) -> None:
     """Refuse an output dir that holds another run (or this one, without --resume)."""
@@ -45,7 +48,8 @@ def check_out_dir(out_dir: Path, run_config: dict, resume: bool) -> None:
                 raise UserError(f"{out_dir} holds another run ({section} differs); choose another --out")
             continue
         for key, value in values.items():
-            if (section, key) not in RESUME_FREE_KEYS and previous.get(section, {}).get(key) != value:
+            before = previous.get(section, {}).get(key, ADDED_KEYS.get((section, key)))
+            if (section, key) not in RESUME_FREE_KEYS and before != value:
                 raise UserError(f"{out_dir} holds another run ({section}.{key}: {previous.get(section, {}).get(key)!r}"
                                 f" there, {value!r} now); choose another --out")
 
