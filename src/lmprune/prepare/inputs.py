@@ -417,20 +417,22 @@ class _HubDataset(_Source):
             raise UserError(f"data source {spec!r}: expected hf:NAME[:CONFIG][@SPLIT]")
 
     def identity(self) -> dict[str, Any]:
+        self._stream()  # an unreachable or unknown dataset fails here, before any work
         return {self.label: f"{self.name}\0{self.config}\0{self.split}"}
 
-    def _rows(self):
-        datasets = optional_module("datasets", "streaming hf: datasets")
-        try:
-            rows = datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
-            return iter(rows)
-        except Exception as error:  # offline, unknown name, no such split or config
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise UserError(f"cannot stream {self.label} from the Hugging Face Hub: {first}") from None
+    def _stream(self):
+        if getattr(self, "rows", None) is None:
+            datasets = optional_module("datasets", "streaming hf: datasets")
+            try:
+                self.rows = datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
+            except Exception as error:  # offline, unknown name, no such split or config
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise UserError(f"cannot stream {self.label} from the Hugging Face Hub: {first}") from None
+        return self.rows
 
     def parts(self, text_field: str) -> Iterator[tuple[Part, int]]:
         texts, size = [], 0
-        for number, row in enumerate(self._rows(), start=1):
+        for number, row in enumerate(self._stream(), start=1):
             text = row.get(text_field)
             if not isinstance(text, str):
                 raise UserError(f"{self.label} row {number}: no string field {text_field!r} "
