@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import heapq
+import itertools
 import json
 import logging
 import multiprocessing
@@ -189,10 +190,14 @@ def _checkpoint(staging: Path, state: dict[str, Any], writers: dict[str, SplitWr
 
 
 def _tokenized(todo: Iterator[Chunk], worker: Settings, encode, num_proc: int) -> Iterator[Tokenized]:
-    """Tokenized chunks in input order: in this process (num_proc 1, or a tokenizer without a Rust
-    backend), else in `num_proc` spawned workers with at most 2 * num_proc chunks in flight (Pool.imap
-    would read the whole input ahead)."""
-    if num_proc <= 1 or encode is not None:
+    """Tokenized chunks in input order: in this process (num_proc 1, a corpus of one chunk, or a
+    tokenizer without a Rust backend), else in `num_proc` spawned workers with at most 2 * num_proc
+    chunks in flight (Pool.imap would read the whole input ahead)."""
+    first = next(todo, None)
+    if first is None:
+        return
+    todo = itertools.chain([first], todo)
+    if num_proc <= 1 or encode is not None or first.whole_corpus:
         previous = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process is one core, as in the workers
         try:

@@ -125,7 +125,7 @@ def _resolve(spec: str) -> _Source:
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
             raise UserError(f"data source glob {spec!r} matches no files")
-        return _Files(spec, _glob_base(path), files)
+        return _Files(str(path.absolute()), _glob_base(path), files)
     if path.is_dir():
         files = sorted(
             p for p in path.rglob("*")
