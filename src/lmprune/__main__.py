@@ -1,3 +1,4 @@
 from lmprune.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # guarded: spawned `prepare` workers import this module
+    raise SystemExit(main())

@@ -52,10 +52,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise UserError("give --vocab-size (train a BPE) or --tokenizer (use a model's), not both")
     vocab_size = None if args.tokenizer else (args.vocab_size or 8192)
     out = prepare_corpus(args.source, Path(args.out), vocab_size=vocab_size, tokenizer=args.tokenizer,
-                         val_fraction=args.val_fraction, seed=args.seed, overwrite=args.overwrite)
+                         val_fraction=args.val_fraction, seed=args.seed, overwrite=args.overwrite,
+                         num_proc=args.num_proc, shard_tokens=args.shard_tokens, text_field=args.text_field,
+                         skip_bad_lines=args.skip_bad_lines, tokenizer_sample_bytes=args.tokenizer_sample_bytes,
+                         progress=not args.quiet)
     meta = json.loads((Path(out) / "meta.json").read_text())
+    shards = len(meta["shards"]["train"]) + len(meta["shards"]["val"])
     print(f"prepared {out}: vocab {meta['vocab_size']}, train {meta['train_tokens']:,} tokens, "
-          f"val {meta['val_tokens']:,} tokens ({meta['documents']['train']} + {meta['documents']['val']} documents)")
+          f"val {meta['val_tokens']:,} tokens ({meta['documents']['train']} + {meta['documents']['val']} documents, "
+          f"{shards} shards)")
     return 0
 
 
@@ -158,12 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("prepare", help="tokenize a corpus into train/val token shards")
-    p.add_argument("--source", required=True, help="shakespeare | gcide | pystdlib | files, dirs, globs, .jsonl")
+    p.add_argument("--source", required=True,
+                   help="shakespeare | gcide | pystdlib | files, dirs, globs (.txt .md .jsonl .jsonl.gz .jsonl.zst "
+                        ".parquet) | a datasets dir (save_to_disk; DIR@SPLIT) | hf:NAME[:CONFIG][@SPLIT]; comma-separated")
     p.add_argument("--out", required=True, help="output dir")
     p.add_argument("--vocab-size", type=int, default=None, help="train a byte-level BPE of this size (default 8192)")
     p.add_argument("--tokenizer", default=None, help="use this local HF dir's tokenizer instead")
+    p.add_argument("--tokenizer-sample-bytes", type=int, default=200_000_000,
+                   help="text sampled (seeded) from the train split to train the BPE on; training needs ~40x "
+                        "this in RAM (default 200 MB: ~8 GB)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation")
-    p.add_argument("--seed", type=int, default=0, help="seed of the document split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the document split and the BPE sample")
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl / .parquet / datasets rows")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) .jsonl lines that are not JSON "
+                   "objects with the text field, instead of stopping")
+    p.add_argument("--num-proc", type=int, default=None, help="tokenizer worker processes (default: all cores); "
+                   "the output is the same for any value")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file at most")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="replace a dir that holds another corpus")
     p.set_defaults(func=cmd_prepare)
 

