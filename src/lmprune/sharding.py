@@ -18,6 +18,7 @@ one full copy of weights + moments on rank 0, plus its compacted copy.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -25,8 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["all_reduce_", "compact_sharded", "full_model_state", "gather_rows", "gathered_copy", "join_torchrun", "index_fill_", "is_sharded",
-           "local", "row_range", "shard_model", "sharded_from_full", "sharded_teacher", "sum_over_ranks", "uses_fsdp"]
+__all__ = ["all_reduce_", "compact_sharded", "full_model_state", "gather_rows", "gathered_copy", "index_fill_",
+           "is_sharded", "join_torchrun", "local", "row_range", "shard_model", "sharded_from_full", "sharded_teacher",
+           "sum_over_ranks", "uses_fsdp"]
 
 
 def uses_fsdp(parallel: str, world_size: int) -> bool:
@@ -35,8 +37,10 @@ def uses_fsdp(parallel: str, world_size: int) -> bool:
 
 
 def is_sharded(tensor: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-    return isinstance(tensor, DTensor)
+    """Whether `tensor` is a DTensor (a parameter, gradient or moment under FSDP2). No DTensor exists
+    before `torch.distributed.tensor` is imported, so that (slow) import is left to FSDP itself."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def local(tensor: Tensor) -> Tensor:
