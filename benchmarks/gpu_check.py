@@ -2,15 +2,17 @@
 
 Legs, each through lmprune's own code paths (setup_run + train_step, or `lmprune train`):
   throughput   gpu-125m and gpu-350m, eager and torch.compile: train tok/s, MFU = 6 * params *
-               tokens / seconds / peak FLOP/s, peak memory
+               tokens / seconds / peak FLOP/s, peak memory; and gpu-125m eager with a host sync per step
+               (the step before the GPU path), to measure what the device-side skip saves
   fsdp         `torchrun --nproc_per_node 1 -m lmprune train ... --set train.parallel=fsdp`, IDEA with one
                compaction mid-run (skipped with a message where this lmprune has no train.parallel)
   idea_vs_scratch  the gpu-125m target, IDEA and scratch for ~--train-seconds each, same tokens: val ppl
 The JSON is rewritten after every leg, so a run cut short keeps what it measured; a failed leg is
 recorded with its error and the exit code is 1.
 
---dry-run: the same legs on CPU at toy sizes (2 layers, d64, a few steps; torch.compile with the
-eager backend, since Inductor takes over a minute per graph on a small CPU), for the test suite.
+--dry-run: the same legs on CPU at toy sizes (2 layers, d32, a few steps), with CUDA's code paths
+(fused AdamW, the device-side skip, reads on logged steps only; torch.compile with the eager backend,
+since Inductor takes over a minute per graph on a small CPU), for the test suite.
 
     python benchmarks/gpu_check.py --out OUT [--dry-run] [--data pystdlib | --prepared DIR]
 """
@@ -37,7 +39,9 @@ from lmprune.atomic import remove_tree, write_json
 from lmprune.cli import main as lmprune_main
 from lmprune.config import TrainConfig, config_from_dict
 from lmprune.models import forward_flops_per_token
+from lmprune.optim import is_fused
 from lmprune.pruning.surgery import count_parameters
+from lmprune import step as step_module
 from lmprune.step import train_step
 from lmprune.train import setup_run
 
@@ -69,11 +73,18 @@ def base_config(args: argparse.Namespace, preset: str) -> dict:
 
 # ----------------------------------------------------------------------------- throughput
 
-def throughput_leg(args: argparse.Namespace, out: Path, preset: str, compiled: bool) -> dict:
-    """Train tok/s and MFU of `preset` over --timed-steps steps of lmprune's train_step after warm-up."""
+def throughput_leg(args: argparse.Namespace, out: Path, preset: str, compiled: bool, host_sync: bool = False) -> dict:
+    """Train tok/s and MFU of `preset` over --timed-steps steps of lmprune's train_step after warm-up.
+
+    `host_sync`: the step as it was before the GPU path (the non-finite check read on the host and the
+    loss read after every step), to measure what the device-side skip saves."""
     raw = base_config(args, preset)
     raw["train"]["compile"] = compiled
-    run = setup_run(config_from_dict(raw, source=f"gpu_check {preset}"), out / f"throughput-{preset}-{compiled}")
+    run = setup_run(config_from_dict(raw, source=f"gpu_check {preset}"),
+                    out / f"throughput-{preset}-{compiled}-{host_sync}")
+    real_skips_on_device = step_module.skips_on_device
+    if host_sync:
+        step_module.skips_on_device = lambda trainer, step: False
     try:
         trainer, state = run.trainer, run.state
         reset_peak_memory(trainer.device)
@@ -85,17 +96,21 @@ def throughput_leg(args: argparse.Namespace, out: Path, preset: str, compiled: b
         t0 = time.perf_counter()
         for _ in range(args.timed_steps):
             out_step = train_step(trainer, state)
+            if host_sync:
+                out_step.loss.item()
         out_step.loss.item()  # waits for the queue: the timing is honest
         seconds = time.perf_counter() - t0
         params = count_parameters(trainer.model)
         tokens = args.timed_steps * trainer.tokens_per_step
-        return {"preset": preset, "compile": compiled, "params": params, "tokens_per_step": trainer.tokens_per_step,
+        return {"preset": preset, "compile": compiled, "host_sync_per_step": host_sync, "params": params,
+                "tokens_per_step": trainer.tokens_per_step, "fused_adamw": is_fused(trainer.optimizer),
                 "timed_steps": args.timed_steps, "seconds": round(seconds, 3), "warmup_s": round(warmup_s, 2),
                 "tok_per_s": round(tokens / seconds, 1),
                 "mfu": float(f"{6 * params * tokens / seconds / (args.peak_tflops * 1e12):.4g}"),
                 "peak_memory_gib": round(peak_memory_bytes(trainer.device) / 2**30, 3),
                 "loss": round(float(out_step.loss), 4)}
     finally:
+        step_module.skips_on_device = real_skips_on_device
         run.lock.release()
         del run
         free_memory()
@@ -236,6 +251,16 @@ def run_leg(report: dict, key: str, json_path: Path, leg, *leg_args) -> dict | N
     return result
 
 
+def use_cuda_paths_on_cpu() -> None:
+    """--dry-run: what CUDA runs, on CPU: the fused AdamW and its device-side skip, the loop's reads on
+    logged steps only; torch.compile with Dynamo's capture but not Inductor's minute-long CPU codegen."""
+    from lmprune import optim, train
+
+    train.build_optimizer = functools.partial(optim.build_optimizer, fused=True)
+    train.reads_every_step = lambda device: False
+    torch.compile = functools.partial(torch.compile, backend="eager")
+
+
 def describe_device(dry_run: bool) -> str:
     if not dry_run and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -249,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device; use --dry-run on CPU", file=sys.stderr)
         return 2
-    if args.dry_run:  # Dynamo's capture, without Inductor's minute-long CPU codegen
-        torch.compile = functools.partial(torch.compile, backend="eager")
+    if args.dry_run:
+        use_cuda_paths_on_cpu()
     json_path, t_start = out / "gpu_check.json", time.perf_counter()
     runs = out / "runs"  # the legs' run dirs: a repeated check starts them afresh
     if runs.is_dir():
@@ -261,16 +286,28 @@ def main(argv: list[str] | None = None) -> int:
         for compiled in (False, True):
             run_leg(report, f"throughput/{preset}/{'compiled' if compiled else 'eager'}", json_path,
                     throughput_leg, args, runs, preset, compiled)
+    run_leg(report, "throughput/gpu-125m/eager-host-sync", json_path, throughput_leg, args, runs, "gpu-125m",
+            False, True)
     run_leg(report, "fsdp", json_path, fsdp_leg, args, runs)
     reference = report["legs"]["throughput/gpu-125m/compiled"].get("tok_per_s") or 1.0
     run_leg(report, "idea_vs_scratch", json_path, idea_vs_scratch_leg, args, runs, reference)
-    report["mfu_350m_compiled"] = report["legs"]["throughput/gpu-350m/compiled"].get("mfu")
-    report["goal_mfu_350m_compiled"] = 0.40
-    report["wall_s"] = round(time.perf_counter() - t_start, 1)
+    summarize(report, time.perf_counter() - t_start)
     write_json(json_path, report)
     failed = [key for key, leg in report["legs"].items() if "error" in leg]
     print(f"gpu_check: wrote {json_path} in {report['wall_s']} s" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
+
+
+def summarize(report: dict, seconds: float) -> None:
+    """The headline numbers: MFU of gpu-350m compiled against the goal, what the device-side skip saves."""
+    legs = report["legs"]
+    report["mfu_350m_compiled"] = legs["throughput/gpu-350m/compiled"].get("mfu")
+    report["goal_mfu_350m_compiled"] = 0.40
+    device_skip = legs["throughput/gpu-125m/eager"].get("tok_per_s")
+    host_sync = legs["throughput/gpu-125m/eager-host-sync"].get("tok_per_s")
+    if device_skip and host_sync:
+        report["device_skip_over_host_sync_125m_eager"] = round(device_skip / host_sync, 3)
+    report["wall_s"] = round(seconds, 1)
 
 
 if __name__ == "__main__":

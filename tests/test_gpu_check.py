@@ -27,8 +27,10 @@ def test_gpu_check_dry_run_writes_every_leg(tmp_path, prepared_dir):
         for mode in ("eager", "compiled"):
             leg = legs[f"throughput/{preset}/{mode}"]
             assert leg["tok_per_s"] > 0 and 0 < leg["mfu"] < 1 and leg["peak_memory_gib"] > 0, leg
-            assert leg["compile"] == (mode == "compiled") and math.isfinite(leg["loss"])
+            assert leg["compile"] == (mode == "compiled") and math.isfinite(leg["loss"]) and leg["fused_adamw"]
     assert report["mfu_350m_compiled"] == legs["throughput/gpu-350m/compiled"]["mfu"]
+    assert legs["throughput/gpu-125m/eager-host-sync"]["host_sync_per_step"]
+    assert report["device_skip_over_host_sync_125m_eager"] > 0
     fsdp = legs["fsdp"]
     assert "error" not in fsdp, fsdp
     assert "train.parallel" in fsdp["skipped"] if "skipped" in fsdp else fsdp["compactions"] == 1
