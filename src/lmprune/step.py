@@ -243,11 +243,6 @@ def skips_on_device(trainer: Trainer, step: int) -> bool:
     return reads_gradients is not None and not reads_gradients(step)
 
 
-def loss_and_grads_finite(trainer: Trainer, loss_sum: torch.Tensor) -> bool:
-    """Whether this step's loss and every gradient are finite, on every rank (reads the flag: a host sync)."""
-    return int(nonfinite_flag(trainer, loss_sum).item()) == 0
-
-
 def nonfinite_flag(trainer: Trainer, loss_sum: torch.Tensor) -> torch.Tensor:
     """0-dim int64 on the device: 1 when this step's loss or a gradient is not finite on any rank (a MAX
     all-reduce). Not read here, so no host sync."""
