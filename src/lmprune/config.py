@@ -49,8 +49,9 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    preset: Literal["tiny", "small", "base"] | None = "tiny"
-    """Architecture preset: tiny (4 layers, d256), small (6, d384), base (8, d512); SwiGLU FFN."""
+    preset: Literal["tiny", "small", "base", "gpu-125m", "gpu-350m"] | None = "tiny"
+    """Architecture preset: tiny (4 layers, d256), small (6, d384), base (8, d512); for a GPU gpu-125m
+    (12 layers, d768, 12/4 heads) and gpu-350m (24 layers, d1024, 16/4 heads); SwiGLU FFN, GQA."""
     path: str | None = None
     """A local HF causal-LM dir (or the built-in smollm2-135m) to start from instead of a preset."""
     hidden_size: int | None = None

@@ -30,16 +30,19 @@ class TokenLoader:
     permutation drawn from a torch.Generator seeded with (seed, epoch). Global batch i covers windows
     [i*B*W, (i+1)*B*W) of that permutation and rank r takes the r-th B of them, so W ranks together see
     exactly what one process with batch B*W sees, in the same order. Leftover windows of an epoch are
-    skipped (different ones each epoch). x, y: int64 [batch_size, seq_len], y = x shifted by one token."""
+    skipped (different ones each epoch). x, y: int64 [batch_size, seq_len], y = x shifted by one token.
+    With `pin_memory` (training on CUDA) both come in page-locked host memory, so the step's
+    `.to(device, non_blocking=True)` is an asynchronous copy that does not wait for the device."""
 
     def __init__(
-        self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1
+        self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
+        pin_memory: bool = False,
     ) -> None:
         if batch_size < 1 or seq_len < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad loader shape: batch_size={batch_size} seq_len={seq_len} rank={rank}/{world_size}")
         self.tokens = tokens
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
         self.num_windows = len(tokens) // (seq_len + 1)
         windows_per_batch = batch_size * world_size
         if self.num_windows < windows_per_batch:
@@ -73,7 +76,10 @@ class TokenLoader:
         window_ids = self._epoch_order()[first : first + self.batch_size].numpy()  # [B]
         rows = _gather_windows(self.tokens, window_ids * (self.seq_len + 1), self.seq_len + 1)  # [B, T+1]
         self.batch_index += 1
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        if self.pin_memory:  # torch's caching host allocator reuses the pinned blocks
+            return x.pin_memory(), y.pin_memory()
+        return x, y
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:

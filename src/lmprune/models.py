@@ -19,6 +19,11 @@ PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 256, "intermediate_size": 704, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2},
     "small": {"hidden_size": 384, "intermediate_size": 1024, "num_layers": 6, "num_heads": 6, "num_kv_heads": 2},
     "base": {"hidden_size": 512, "intermediate_size": 1408, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4},
+    # GPT-3 125M / 350M depths and widths as Llamas (head_dim 64, 4 KV heads; GQA makes them smaller):
+    # 75.5M / 265.9M parameters without the (tied) embedding, 81.8M / 274.3M with a vocabulary of 8192.
+    "gpu-125m": {"hidden_size": 768, "intermediate_size": 2048, "num_layers": 12, "num_heads": 12, "num_kv_heads": 4},
+    "gpu-350m": {"hidden_size": 1024, "intermediate_size": 2752, "num_layers": 24, "num_heads": 16,
+                 "num_kv_heads": 4},
 }
 
 # Families whose modules follow Llama's names (mlp.{gate,up,down}_proj, self_attn.{q,k,v,o}_proj).
@@ -50,6 +55,9 @@ def llama_config(model_cfg: ModelConfig, vocab_size: int, seq_len: int, eos_toke
         eos_token_id=eos_token_id,
         bos_token_id=None,
         pad_token_id=None,
+        # torch's fused scaled_dot_product_attention (flash / memory-efficient kernels on CUDA); stated,
+        # not left to the library's default
+        attn_implementation="sdpa",
     )
 
 

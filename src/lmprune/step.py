@@ -5,7 +5,7 @@ places (see `lmprune.pruning.hooks`):
 
     [KD teacher snapshot, at the plan's kd_start]
     forward (autocast) + backward (outside autocast), for each micro-batch
-    loss and gradients finite?   (all ranks agree; one host sync)
+    loss and gradients finite?   (all ranks agree: a MAX all-reduce of one flag)
       yes: hook.after_backward   gradients present, before clipping
            clip_grad_norm_       the loss gradient only
            hook.after_clip       a regulariser's gradient (RegularizingHook), after clipping
@@ -16,7 +16,14 @@ places (see `lmprune.pruning.hooks`):
     if events.compact: trainer.compact()   hook.compact(...), then rewrap (DDP, compile, FLOPs); under
                        FSDP on a gathered copy, re-sharded after (`lmprune.sharding.compact_sharded`)
 
-The finiteness check is the step's one host sync; the returned loss and grad norm stay device tensors.
+Where the answer to "finite?" is read:
+  on the host (one sync per step): the default, and whenever a method reads this step's gradients
+    (its statistics must never see a non-finite gradient), or the optimizer is not fused;
+  on the device (no sync): a fused AdamW and no method reading gradients (`skips_on_device`). The
+    flag goes to the fused kernel as `found_inf`, the mechanism GradScaler uses: the kernel leaves
+    weights and moments untouched and the step count is reverted, all on the device. The loop reads
+    the flag (and the loss) only on the steps it writes a row for (lmprune.train.fit).
+The returned loss and grad norm stay device tensors.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from lmprune import sharding
 from lmprune.distill import Distiller, save_snapshot
 from lmprune.loader import TokenLoader
 from lmprune.models import forward_flops_per_token
-from lmprune.optim import set_lr
+from lmprune.optim import is_fused, set_lr
 from lmprune.pipelines import Plan
 from lmprune.pruning.hooks import NO_EVENTS, RegularizingHook, StepEvents, TrainingHook
 
@@ -77,20 +84,35 @@ class TrainState:
     """Steps counted in tok_per_s_sum."""
     skipped_in_a_row: int = 0
     """Consecutive steps skipped for a non-finite loss or gradient (0 after a good step)."""
+    skip_streak: torch.Tensor | None = None
+    """The same count kept on the device by steps that skip on the device (None: `skipped_in_a_row`
+    is current); `sync_skips()` folds it in."""
 
     @property
     def train_tok_per_s(self) -> float:
         return self.tok_per_s_sum / max(1, self.timed_steps)
 
-    def record_speed(self, tokens: int, seconds: float) -> None:
-        self.tok_per_s_sum += tokens / seconds
-        self.timed_steps += 1
+    def record_speed(self, tokens: int, seconds: float, steps: int = 1) -> None:
+        """`steps` steps of `tokens` tokens each, `seconds` per step on average."""
+        self.tok_per_s_sum += steps * (tokens / seconds)
+        self.timed_steps += steps
+
+    def count_skip_on_device(self, bad: torch.Tensor) -> None:
+        """Extend or reset the skip streak by this step's 0/1 flag, without reading it."""
+        streak = self.skip_streak if self.skip_streak is not None else torch.full_like(bad, self.skipped_in_a_row)
+        self.skip_streak = (streak + bad) * bad
+
+    def sync_skips(self) -> int:
+        """The current skip streak (reads the device count if there is one: a host sync)."""
+        if self.skip_streak is not None:
+            self.skipped_in_a_row, self.skip_streak = int(self.skip_streak.item()), None
+        return self.skipped_in_a_row
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "train_flops": self.flops,
                 "loader": self.loader.state_dict(),
                 "timing": {"tok_per_s_sum": self.tok_per_s_sum, "timed_steps": self.timed_steps},
-                "skipped_in_a_row": self.skipped_in_a_row}
+                "skipped_in_a_row": self.sync_skips()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens, self.flops = int(state["step"]), int(state["tokens"]), float(state["train_flops"])
@@ -98,7 +120,7 @@ class TrainState:
         timing = state.get("timing", {})  # absent in checkpoints of earlier versions
         self.tok_per_s_sum = float(timing.get("tok_per_s_sum", 0.0))
         self.timed_steps = int(timing.get("timed_steps", 0))
-        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+        self.skipped_in_a_row, self.skip_streak = int(state.get("skipped_in_a_row", 0)), None
 
 
 @dataclass
@@ -183,8 +205,14 @@ class StepOutput:
     """Global gradient norm before clipping."""
     lr: float
     events: StepEvents
-    skipped: bool = False
-    """The loss or a gradient was not finite: no optimizer step was taken."""
+    skip_flag: torch.Tensor | bool = False
+    """The loss or a gradient was not finite: no optimizer step was taken (a device 0/1 tensor when
+    the step skipped on the device)."""
+
+    @property
+    def skipped(self) -> bool:
+        """Whether the step was skipped (reading a device flag syncs)."""
+        return bool(self.skip_flag)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -202,30 +230,65 @@ def train_step(trainer: Trainer, state: TrainState) -> StepOutput:
     set_lr(trainer.optimizer, lr)
     trainer.wrapped.train()
     loss_sum = forward_backward(trainer, step)
-    finite = loss_and_grads_finite(trainer, loss_sum)
-    grad_norm = torch.full((), float("nan"))
-    if finite:
-        if hook is not None:
-            hook.after_backward(trainer.model, step)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), tcfg.grad_clip or float("inf"))
-        if sharding.is_sharded(grad_norm):
-            grad_norm = grad_norm.full_tensor()
-        if isinstance(hook, RegularizingHook):  # a regulariser's gradient never enters the clip norm
-            hook.after_clip(trainer.model, step)
+    bad = nonfinite_flag(trainer, loss_sum)
+    if skips_on_device(trainer, step):
+        # the method's calls only write gradients this step, so calling them on a bad step is harmless
+        grad_norm = hooks_and_clip(trainer, step)
+        trainer.optimizer.found_inf = bad.to(torch.float32)  # 1: the fused kernel leaves everything as it was
         trainer.optimizer.step()
+        state.count_skip_on_device(bad)
+        skip_flag: torch.Tensor | bool = bad
+    else:
+        finite = int(bad.item()) == 0  # the host sync
+        grad_norm = torch.full((), float("nan"))
+        if finite:
+            grad_norm = hooks_and_clip(trainer, step)
+            if getattr(trainer.optimizer, "found_inf", None) is not None:
+                trainer.optimizer.found_inf = None  # a flag left by an earlier step must not skip this one
+            trainer.optimizer.step()
+        state.skipped_in_a_row = 0 if finite else state.sync_skips() + 1
+        skip_flag = not finite
     trainer.optimizer.zero_grad(set_to_none=True)
-    state.skipped_in_a_row = 0 if finite else state.skipped_in_a_row + 1
     state.step += 1
     state.tokens += trainer.tokens_per_step
     state.flops += trainer.step_flops  # the model as it was during this step
     events = hook.after_optimizer_step(trainer.model, trainer.optimizer, step) if hook is not None else NO_EVENTS
     if events.compact:
         trainer.compact()
-    return StepOutput(loss_sum / tcfg.grad_accum, grad_norm, lr, events, skipped=not finite)
+    return StepOutput(loss_sum / tcfg.grad_accum, grad_norm, lr, events, skip_flag=skip_flag)
 
 
-def loss_and_grads_finite(trainer: Trainer, loss_sum: torch.Tensor) -> bool:
-    """Whether this step's loss and every gradient are finite, on every rank (a MAX all-reduce)."""
+def hooks_and_clip(trainer: Trainer, step: int) -> torch.Tensor:
+    """The method's after_backward, clipping of the loss gradient, then a regulariser's after_clip (its
+    gradient never enters the clip norm). Returns the global gradient norm before clipping."""
+    hook = trainer.hook
+    if hook is not None:
+        hook.after_backward(trainer.model, step)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.tcfg.grad_clip or float("inf"))
+    if sharding.is_sharded(grad_norm):  # FSDP: a DTensor over the shards
+        grad_norm = grad_norm.full_tensor()
+    if isinstance(hook, RegularizingHook):
+        hook.after_clip(trainer.model, step)
+    return grad_norm
+
+
+def skips_on_device(trainer: Trainer, step: int) -> bool:
+    """Whether this step can skip a non-finite update on the device (no host sync): the optimizer is
+    fused (it honours `found_inf`) and no method folds this step's gradients into a statistic. A
+    method says it does not with `reads_gradients(step) -> False` (its after_backward / after_clip are
+    then still called, on a bad step too); one without that method is assumed to read them."""
+    if not is_fused(trainer.optimizer):
+        return False
+    hook = trainer.hook
+    if hook is None:
+        return True
+    reads_gradients = getattr(hook, "reads_gradients", None)
+    return reads_gradients is not None and not reads_gradients(step)
+
+
+def nonfinite_flag(trainer: Trainer, loss_sum: torch.Tensor) -> torch.Tensor:
+    """0-dim int64 on the device: 1 when this step's loss or a gradient is not finite on any rank (a MAX
+    all-reduce). Not read here, so no host sync."""
     grads = [sharding.local(p.grad) for p in trainer.model.parameters() if p.grad is not None]  # FSDP: shards
     bad = ~torch.isfinite(loss_sum)
     if grads:
@@ -234,7 +297,7 @@ def loss_and_grads_finite(trainer: Trainer, loss_sum: torch.Tensor) -> bool:
     flag = bad.to(torch.int64).view(1)
     if trainer.info.world_size > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item()) == 0
+    return flag.view(())
 
 
 def forward_backward(trainer: Trainer, step: int) -> torch.Tensor:

@@ -152,7 +152,9 @@ def _setup_locked(cfg: RunConfig, plan: Plan, out_dir: Path, resume: bool, info:
     make_optimizer = lambda m: build_optimizer(m, tcfg)  # noqa: E731  (also rebuilds it after compaction)
     hook = make_hook(plan, data, cfg, make_optimizer)
     optimizer = make_optimizer(model)
-    state = TrainState(TokenLoader(data.train, tcfg.batch_size, tcfg.seq_len, tcfg.seed, info.rank, info.world_size))
+    loader = TokenLoader(data.train, tcfg.batch_size, tcfg.seq_len, tcfg.seed, info.rank, info.world_size,
+                         pin_memory=device.type == "cuda")
+    state = TrainState(loader)
     if hook is not None:
         hook.apply(model)
     if resume_from is not None:
@@ -303,42 +305,42 @@ def fit(run: Run, quiet: bool = False) -> float | None:
     """Train from `run.state.step` to train.steps; the val loss of the last step (None if none ran).
 
     SIGTERM / SIGINT end it after the step in flight with a checkpoint (`Interrupted`);
-    train.max_skipped_steps non-finite steps in a row end it with `NonFiniteError`."""
+    train.max_skipped_steps non-finite steps in a row end it with `NonFiniteError`.
+    On CUDA the host reads nothing on a step that writes no row, saves nothing and is not the first
+    (`reads_every_step` False): the device runs ahead; skips, stop requests under torchrun and the
+    tok/s of the steps in between are read on the next such step (README "GPU")."""
     trainer, state, tcfg, plan = run.trainer, run.state, run.cfg.train, run.trainer.plan
     progress = tqdm(total=tcfg.steps, initial=state.step, disable=quiet or not trainer.info.is_main,
                     desc="train", unit="step", dynamic_ncols=True)
     if state.step == 0 and 0 in plan.eval_steps:  # e.g. IMP: the dense start is the curve's first row
         run.metrics.write({"step": 0, "tokens": 0, **val_fields(evaluate(run)), **hook_metrics(trainer)})
     first_step, final_val_loss = state.step, None
+    every_step = reads_every_step(trainer.device)
+    mark_time, mark_step = time.perf_counter(), state.step  # the last step the host read (for tok/s)
     with StopRequests() as stop:
         while state.step < tcfg.steps:
             t0 = time.perf_counter()
             out = train_step(trainer, state)
-            train_loss = out.loss.item()  # syncs, so the timing is honest
-            seconds = time.perf_counter() - t0
-            if state.step > first_step + 1:  # a process's first step carries warm-up costs
-                state.record_speed(trainer.tokens_per_step, seconds)
-
             done = state.step
             last_step = done == tcfg.steps
-            row = None
-            if last_step or done % tcfg.log_every == 0 or out.events.mask_updated or out.skipped:
-                row = step_row(run, out, train_loss, seconds)
-            if plan.evaluates_after(done, tcfg.eval_every, tcfg.steps):
-                row = row or {"step": done, "tokens": state.tokens, "loss": finite_or_none(train_loss, 6),
-                              "lr": out.lr, **hook_metrics(trainer)}
-                val_loss = evaluate(run)
-                row.update(val_fields(val_loss))
-                final_val_loss = val_loss if last_step else None
-            if row is not None:
-                run.metrics.write(row)
+            evaluates = plan.evaluates_after(done, tcfg.eval_every, tcfg.steps)
+            saved = last_step or bool(tcfg.save_every and done % tcfg.save_every == 0)
+            logs = last_step or done % tcfg.log_every == 0 or out.events.mask_updated
             progress.update(1)
+            local_stop = trainer.info.world_size == 1 and stop.signum
+            if not (every_step or logs or evaluates or saved or local_stop or done == first_step + 1):
+                continue  # nothing read on the host this step
+            train_loss = out.loss.item()  # syncs, so the timing is honest
+            steps = 1 if every_step else done - mark_step
+            seconds = (time.perf_counter() - (t0 if every_step else mark_time)) / steps  # per step
+            if done > first_step + 1:  # a process's first step carries warm-up costs
+                state.record_speed(trainer.tokens_per_step, seconds, steps)
+            final_val_loss = log_step(run, out, train_loss, seconds, logs or out.skipped, evaluates, last_step)
             progress.set_postfix(loss=f"{train_loss:.3f}", lr=f"{out.lr:.2e}")
-            if state.skipped_in_a_row >= tcfg.max_skipped_steps:
+            if state.sync_skips() >= tcfg.max_skipped_steps:
                 raise NonFiniteError(f"loss or gradients were not finite for {state.skipped_in_a_row} steps in a "
                                      f"row (last: step {done}); no update was applied, and the newest checkpoint "
                                      "holds the last finite state; lower train.lr or raise train.grad_clip")
-            saved = last_step or (tcfg.save_every and done % tcfg.save_every == 0)
             if saved:
                 save_checkpoint(run)
             signum = stop.requested(trainer.info.world_size, trainer.device)
@@ -346,7 +348,32 @@ def fit(run: Run, quiet: bool = False) -> float | None:
                 path = save_checkpoint(run) if not saved else run.out_dir / "checkpoints" / ckpt.step_dir_name(done)
                 raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {done}; "
                                           f"checkpoint {path}; continue with --resume")
+            mark_time, mark_step = time.perf_counter(), done
     progress.close()
+    return final_val_loss
+
+
+def reads_every_step(device: torch.device) -> bool:
+    """Whether the loop reads the loss on every step: on CPU a read costs nothing (and keeps CPU runs as
+    they were); on CUDA it is a host sync that stalls the queue of kernels, so only logged steps read."""
+    return device.type != "cuda"
+
+
+def log_step(run: Run, out, train_loss: float, seconds: float, logs: bool, evaluates: bool,
+             last_step: bool) -> float | None:
+    """Write the step's metrics row (and evaluate when due); the val loss when this is the last step."""
+    trainer, state = run.trainer, run.state
+    row, final_val_loss = None, None
+    if logs:
+        row = step_row(run, out, train_loss, seconds)
+    if evaluates:
+        row = row or {"step": state.step, "tokens": state.tokens, "loss": finite_or_none(train_loss, 6),
+                      "lr": out.lr, **hook_metrics(trainer)}
+        val_loss = evaluate(run)
+        row.update(val_fields(val_loss))
+        final_val_loss = val_loss if last_step else None
+    if row is not None:
+        run.metrics.write(row)
     return final_val_loss
 
 

@@ -374,6 +374,12 @@ class FFNPruner:
             raise self._deferred_error
 
     # ---- per-step hooks -------------------------------------------------------------------
+    def reads_gradients(self, step: int) -> bool:
+        """Whether after_backward(step) folds gradients into a statistic (the sensitivity EMA); outside
+        that window it only zeroes pruned rows, so a non-finite step may be skipped on the device
+        (lmprune.step.skips_on_device) with no host sync."""
+        return not self.compacted and self._tracker is not None and step >= self.cfg.tracking_start
+
     @torch.no_grad()
     def after_backward(self, model: nn.Module, step: int) -> None:
         """Fold this step's |w * grad| into the EMA (from track_from until the final update); zero pruned grads."""
