@@ -1,5 +1,8 @@
 """Loaders over a prepared corpus's token shards: seeded, resumable training batches and ordered
-evaluation windows (see `lmprune.data` for the shard format)."""
+evaluation windows (see `lmprune.data` for the shard format).
+
+`tokens` is anything with `len()` and numpy integer-array indexing: a numpy array, or the
+`lmprune.token_stream.TokenStream` of a split's shards (windows then cross shard ends freely)."""
 
 from __future__ import annotations
 

@@ -331,8 +331,10 @@ def _parquet_parts(file: Path, text_field: str) -> Iterator[tuple[Part, int]]:
     if text_field not in parquet.schema_arrow.names:
         names = ", ".join(parquet.schema_arrow.names)
         raise UserError(f"{file} has no column {text_field!r} (columns: {names}); choose one with --text-field")
+    left = file.stat().st_size  # on disk, for the progress bar: each row group's compressed size, then the rest
     for group in range(parquet.num_row_groups):
-        disk = parquet.metadata.row_group(group).total_byte_size
+        meta = parquet.metadata.row_group(group)
+        disk = sum(meta.column(i).total_compressed_size for i in range(meta.num_columns))
         try:
             for batch in parquet.iter_batches(batch_size=1024, row_groups=[group], columns=[text_field]):
                 yield Part(str(file), texts=_text_column(batch, file, text_field)), 0
@@ -340,7 +342,10 @@ def _parquet_parts(file: Path, text_field: str) -> Iterator[tuple[Part, int]]:
             raise
         except Exception as error:
             raise UserError(f"cannot read parquet file {file}: {error}") from error
-        yield Part(str(file), texts=[]), min(disk, file.stat().st_size)
+        disk = min(disk, left)
+        left -= disk
+        yield Part(str(file), texts=[]), disk
+    yield Part(str(file), texts=[]), left
 
 
 def _arrow_parts(file: Path, text_field: str) -> Iterator[tuple[Part, int]]:
