@@ -52,7 +52,8 @@ class ModelConfig(Section):
     preset: Literal["tiny", "small", "base"] | None = "tiny"
     """Architecture preset: tiny (4 layers, d256), small (6, d384), base (8, d512); SwiGLU FFN."""
     path: str | None = None
-    """A local HF causal-LM dir (or the built-in smollm2-135m) to start from instead of a preset."""
+    """A local HF causal-LM dir, the built-in smollm2-135m, or a Hub id org/name[@revision] (resolved
+    through the HF cache; HF_HUB_OFFLINE=1: the cache alone) to start from instead of a preset."""
     hidden_size: int | None = None
     """Override of the preset's model width."""
     intermediate_size: int | None = None
@@ -225,7 +226,8 @@ class KDConfig(Section):
     temperature: float = 2.0
     """Softmax temperature T of teacher and student."""
     teacher: str | None = None
-    """A local HF dir (or smollm2-135m) of the teacher; None = the frozen enlarged model at prune start."""
+    """The teacher: a local HF dir, smollm2-135m, or a Hub id org/name[@revision]; None = the frozen
+    enlarged model at prune start."""
 
     @model_validator(mode="after")
     def _check(self) -> "KDConfig":
