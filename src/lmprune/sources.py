@@ -77,8 +77,8 @@ def resolve_model(name_or_path: str | Path, dtype: str = "fp32") -> Path:
         check_model_dir(snapshot)
         return snapshot
     raise UserError(
-        f"model {name!r} is neither an existing HF model dir, a built-in model "
-        f"({', '.join(sorted(BUILTIN_MODELS))}), nor a Hub id (org/name[@revision])"
+        f"model {name!r} is neither an existing HF model dir nor a built-in model "
+        f"({', '.join(sorted(BUILTIN_MODELS))}) nor a Hub id (org/name[@revision])"
     )
 
 
