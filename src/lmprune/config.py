@@ -11,7 +11,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -415,10 +415,12 @@ def describe_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
     lines = []
     for name, field in model.model_fields.items():
         candidates = [field.annotation, *get_args(field.annotation)]  # Section or Section | None
-        section = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        listed = [inner for c in candidates if get_origin(c) is list for inner in get_args(c)]  # list[Section]
+        section = next((c for c in candidates + listed if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if section is not None:
             optional = " (optional section)" if field.default is None else ""
-            lines.append(f"{prefix}{name}:{optional}  {field.description or ''}")
+            optional = " (optional list of:)" if listed else optional
+            lines.append(f"{prefix}{name}:{optional}  {' '.join((field.description or '').split())}")
             lines += describe_fields(section, prefix + "  ")
         else:
             default = "(required)" if field.is_required() else repr(field.default)
