@@ -204,9 +204,10 @@ def test_bad_mixtures_are_one_line_exit_2_before_any_work(corpora, tmp_path, cap
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out" / "run_config.json").exists()
 
 
-def test_source_and_sources_together_are_refused(corpora, tmp_path, capsys):
+def test_source_and_sources_together_are_refused(corpora, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LMPRUNE_CACHE", str(tmp_path / "cache"))
     raw = mixture_config(corpora, tmp_path)
-    raw["data"]["source"] = "shakespeare"
+    raw["data"]["source"] = str(corpora[0])
     cfg = write_config(tmp_path / "both.yaml", raw)
     expect_one_line(capsys, ["train", str(cfg), "--out", str(tmp_path / "out")], "not both")
 
@@ -223,3 +224,26 @@ def test_compare_names_the_mixture_and_shows_per_source_val_ppl(corpora, tmp_pat
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "weighted mixture `prose:0.7+code:0.3`" in report
     assert f"| short | {row['val_ppl']:.3f} | {row['val_ppl/prose']:.3f} | {row['val_ppl/code']:.3f} |" in report
+
+
+def test_a_mixture_config_survives_a_dump_and_reload(corpora, tmp_path):
+    from lmprune.config import config_from_dict
+
+    cfg = config_from_dict(mixture_config(corpora, tmp_path))
+    again = config_from_dict(cfg.model_dump(mode="json"))  # what compare's equal-compute run does
+    assert [p.label() for p in again.data.sources] == ["prose", "code"]
+
+
+def test_prepared_dirs_in_a_mixture_must_share_one_tokenizer(corpora, tmp_path, prepared_dir, monkeypatch, capsys):
+    from lmprune.data import prepare_corpus
+
+    monkeypatch.setenv("LMPRUNE_CACHE", str(tmp_path / "cache"))
+    raw = tiny_run_config(tmp_path, steps=2, eval_every=0, sample_tokens=0)
+    raw["data"] = {"sources": [{"prepared_dir": str(prepared_dir), "weight": 1, "name": "prose"},
+                               {"source": str(corpora[1]), "weight": 1}]}  # tokenized with prose's tokenizer
+    assert main(["train", str(write_config(tmp_path / "ok.yaml", raw)), "--out", str(tmp_path / "ok"), "--quiet"]) == 0
+    other = prepare_corpus(str(corpora[1]), tmp_path / "code-bpe", vocab_size=280, val_fraction=0.1)
+    raw["data"]["sources"][1] = {"prepared_dir": str(other), "weight": 1}
+    capsys.readouterr()
+    expect_one_line(capsys, ["train", str(write_config(tmp_path / "bad.yaml", raw)), "--out", str(tmp_path / "bad")],
+                    "was tokenized with another tokenizer than prose")

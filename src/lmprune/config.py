@@ -81,7 +81,8 @@ class DataConfig(Section):
         return self
 
     def _check_mixture(self) -> None:
-        if "source" in self.model_fields_set or self.prepared_dir is not None:
+        # a dumped config (compare's equal-compute run) carries the default `source`: only another value clashes
+        if self.source != DataConfig.model_fields["source"].default or self.prepared_dir is not None:
             raise ValueError("give data.source / data.prepared_dir or data.sources (a mixture), not both")
         if not self.sources:
             raise ValueError("data.sources is empty: give [{source: ..., weight: ...}, ...]")
