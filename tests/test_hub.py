@@ -148,7 +148,12 @@ def test_an_unreachable_hub_falls_back_to_the_cache_then_one_line_exit_2(hub_cac
                                                                          monkeypatch):
     """Online mode with a Hub that refuses connections (a closed local port): a cached id still resolves;
     an uncached one is one line and exit 2 (no retry warnings)."""
+    from huggingface_hub import constants
+
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # in case the CI environment set it at import
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     assert not hub_offline()
     assert main(["eval", "org/tiny", "--data", str(prepared_dir), "--max-tokens", "128", "--json"]) == 0
