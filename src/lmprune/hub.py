@@ -18,8 +18,9 @@ from urllib.parse import urlsplit
 from lmprune.errors import UserError
 from lmprune.trust import read_json_object, refuse_remote_code
 
-# What a causal LM needs: configs, safetensors weights (and index), tokenizer files, chat template.
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.jinja"]
+# What a causal LM needs: configs, its safetensors weights (model*.safetensors: not e.g. a Mistral repo's
+# second consolidated.safetensors copy), tokenizer files, chat template.
+ALLOW_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.jinja"]
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 HUB_ID = re.compile(rf"(?P<repo>{_NAME}/{_NAME})(?:@(?P<revision>[A-Za-z0-9._/-]+))?")
 _TRUE = {"1", "on", "yes", "true"}
