@@ -143,6 +143,8 @@ class WindowStream:
         return self._order
 
     def take(self, count: int) -> np.ndarray:
+        if count > 0 and self.num_windows == 0:
+            raise UserError(f"data.sources {self.name}: no window of seq_len + 1 = {self.seq_len + 1} tokens to draw")
         taken = []
         while count > 0:
             if self.position == self.num_windows:
