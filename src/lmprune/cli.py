@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = verbs.add_parser("eval", help="val perplexity and tokens/s of a HF causal-LM dir")
-    p.add_argument("model_dir", help="a local HF causal-LM dir, or smollm2-135m")
+    p.add_argument("model_dir", help="a local HF causal-LM dir, smollm2-135m, or a Hub id org/name[@revision]")
     p.add_argument("--data", required=True, help="a prepared dir (lmprune prepare)")
     p.add_argument("--max-tokens", type=int, default=65536, help="val tokens to score")
     p.add_argument("--batch-size", type=int, default=8)

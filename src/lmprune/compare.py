@@ -134,7 +134,8 @@ def run_one(name: str, cfg: RunConfig, run_dir: Path, quiet: bool) -> dict[str, 
             "train_tok_per_s": round(run["train_tok_per_s"], 1), "steps": run["steps"],
             "pipeline": cfg.pipeline.name if cfg.pipeline else method, "method": method, "level": level, "family": family,
             "sparsity": run["sparsity"], "final_bytes": run["final_bytes"],
-            **({"final_sparse_bytes": run["final_sparse_bytes"]} if "final_sparse_bytes" in run else {})}
+            **({"final_sparse_bytes": run["final_sparse_bytes"]} if "final_sparse_bytes" in run else {}),
+            **{key: value for key, value in run.items() if key == "mixture" or key.startswith("val_ppl/")}}
 
 
 def method_of(cfg: RunConfig) -> tuple[str, float | None, str]:

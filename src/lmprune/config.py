@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -25,7 +26,37 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class MixtureSource(Section):
+    """One corpus of a weighted mixture (data.sources)."""
+
+    source: str | list[str] | None = None
+    """The corpus, as data.source spells it (a built-in name, files / dirs / globs / .jsonl)."""
+    prepared_dir: str | None = None
+    """An already prepared dir instead of `source` (its tokenizer must be the mixture's)."""
+    weight: float | None = None
+    """Share of training windows drawn from this source (weights are normalised by their sum); 0 = evaluated
+    only. Also its weight in the weighted-mean val loss."""
+    name: str | None = None
+    """Name in metrics (val_ppl/<name>) and reports; default: the source's file or built-in name."""
+
+    def label(self) -> str:
+        """The name, or one derived from the source (a file's stem, a dir's or built-in's name)."""
+        if self.name is not None:
+            return self.name
+        spec = self.prepared_dir or (self.source if isinstance(self.source, str) else ",".join(self.source or []))
+        stem = Path(spec.split(",")[0].rstrip("/*")).name.split(".")[0] or spec
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or "source"
+
+
 class DataConfig(Section):
+    sources: list[MixtureSource] | None = None
+    """A weighted mixture instead of `source`: [{source: ..., weight: ...}, ...]. Each is prepared once
+    with one shared tokenizer (data.tokenizer, model.path's, or the BPE trained on the first source);
+    training windows are drawn by weight (seeded, exact resume); each val split is evaluated separately
+    (val_ppl/<name>) and val_loss is the weighted mean of their losses (val_ppl = exp of it)."""
     source: str | list[str] = "shakespeare"
     """Corpus: a built-in name (shakespeare, gcide, pystdlib), or text files / dirs / globs / .jsonl files."""
     prepared_dir: str | None = None
@@ -45,7 +76,33 @@ class DataConfig(Section):
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.vocab_size is not None and self.vocab_size < 260:
             raise ValueError(f"data.vocab_size must be >= 260 (bytes + specials), got {self.vocab_size}")
+        if self.sources is not None:
+            self._check_mixture()
         return self
+
+    def _check_mixture(self) -> None:
+        # a dumped config (compare's equal-compute run) carries the default `source`: only another value clashes
+        if self.source != DataConfig.model_fields["source"].default or self.prepared_dir is not None:
+            raise ValueError("give data.source / data.prepared_dir or data.sources (a mixture), not both")
+        if not self.sources:
+            raise ValueError("data.sources is empty: give [{source: ..., weight: ...}, ...]")
+        names: set[str] = set()
+        for i, part in enumerate(self.sources):
+            where = f"data.sources[{i}]"
+            if (part.source is None) == (part.prepared_dir is None):
+                raise ValueError(f"{where} needs exactly one of `source` and `prepared_dir`")
+            if part.weight is None:
+                raise ValueError(f"{where} ({part.label()}): weight is empty; give a number >= 0")
+            if not math.isfinite(part.weight) or part.weight < 0:
+                raise ValueError(f"{where} ({part.label()}): weight must be a finite number >= 0, got {part.weight}")
+            if not _SOURCE_NAME.fullmatch(part.label()):
+                raise ValueError(f"{where}: name {part.label()!r} must be letters, digits, '_', '-' and '.'")
+            if part.label() in names:
+                raise ValueError(f"{where}: two sources are named {part.label()!r}; give each a distinct `name`")
+            names.add(part.label())
+        total = sum(part.weight or 0.0 for part in self.sources)
+        if not total > 0:
+            raise ValueError(f"data.sources weights sum to {total}; they must sum to a positive number")
 
 
 class ModelConfig(Section):
@@ -53,7 +110,8 @@ class ModelConfig(Section):
     """Architecture preset: tiny (4 layers, d256), small (6, d384), base (8, d512); for a GPU gpu-125m
     (12 layers, d768, 12/4 heads) and gpu-350m (24 layers, d1024, 16/4 heads); SwiGLU FFN, GQA."""
     path: str | None = None
-    """A local HF causal-LM dir (or the built-in smollm2-135m) to start from instead of a preset."""
+    """A local HF causal-LM dir, the built-in smollm2-135m, or a Hub id org/name[@revision] (resolved
+    through the HF cache; HF_HUB_OFFLINE=1: the cache alone) to start from instead of a preset."""
     hidden_size: int | None = None
     """Override of the preset's model width."""
     intermediate_size: int | None = None
@@ -232,7 +290,8 @@ class KDConfig(Section):
     temperature: float = 2.0
     """Softmax temperature T of teacher and student."""
     teacher: str | None = None
-    """A local HF dir (or smollm2-135m) of the teacher; None = the frozen enlarged model at prune start."""
+    """The teacher: a local HF dir, smollm2-135m, or a Hub id org/name[@revision]; None = the frozen
+    enlarged model at prune start."""
 
     @model_validator(mode="after")
     def _check(self) -> "KDConfig":
@@ -364,10 +423,12 @@ def describe_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
     lines = []
     for name, field in model.model_fields.items():
         candidates = [field.annotation, *get_args(field.annotation)]  # Section or Section | None
-        section = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        listed = [inner for c in candidates if get_origin(c) is list for inner in get_args(c)]  # list[Section]
+        section = next((c for c in candidates + listed if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if section is not None:
             optional = " (optional section)" if field.default is None else ""
-            lines.append(f"{prefix}{name}:{optional}  {field.description or ''}")
+            optional = " (optional list of:)" if listed else optional
+            lines.append(f"{prefix}{name}:{optional}  {' '.join((field.description or '').split())}")
             lines += describe_fields(section, prefix + "  ")
         else:
             default = "(required)" if field.is_required() else repr(field.default)

@@ -30,6 +30,7 @@ from lmprune.models import PRESETS, check_model_dir
 from lmprune.pruning import METHODS, method_sections
 from lmprune.pruning.ffn.pruner import FFNPruneConfig, resolve_target_width, validate_window
 from lmprune.schedules import segmented_warmup_cosine
+from lmprune.mixture import check_mixture_sources
 from lmprune.sources import resolve_model
 
 
@@ -87,8 +88,8 @@ def enlarged_width(target: int, factor: float, round_to: int) -> int:
 def validate_run(cfg: RunConfig) -> Plan:
     """Check every cross-section rule of a run config (UserError: one line) and resolve its Plan.
 
-    Reads only the config and, for model.path / kd.teacher, the model dirs' config files: nothing is
-    prepared, trained or written. Rules that need the tokenized data (vocab sizes) are checked by the
+    Reads only the config, whether data.sources exist, and, for model.path / kd.teacher, the model dirs'
+    config files: nothing is prepared, trained or written. Rules that need the tokenized data (vocab sizes) are checked by the
     trainer right after the data is opened, before its first step.
     """
     methods = method_sections(cfg)
@@ -98,6 +99,7 @@ def validate_run(cfg: RunConfig) -> Plan:
         raise UserError(f"give one pruning method, not {' and '.join(methods)}")
     if cfg.pipeline is not None and cfg.pipeline.name != "scratch" and cfg.model.path:
         raise UserError("pipelines enlarge a preset model; model.path cannot be enlarged")
+    check_mixture_sources(cfg.data)
     hf_config = model_dir_config(cfg)
     max_positions = (hf_config or {}).get("max_position_embeddings") or cfg.model.max_position_embeddings
     if max_positions is not None and cfg.train.seq_len > int(max_positions):

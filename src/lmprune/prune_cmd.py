@@ -27,7 +27,8 @@ def add_prune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     """Register the `prune` verb on the CLI's subparsers (it sets func=run_prune)."""
     p = subparsers.add_parser("prune", help="one-shot structured pruning of a pretrained HF model",
                               description=__doc__.splitlines()[0])
-    p.add_argument("model", help=f"a local HF causal-LM dir or a built-in: {', '.join(BUILTIN_MODEL_NAMES)}")
+    p.add_argument("model", help=f"a local HF causal-LM dir, a built-in ({', '.join(BUILTIN_MODEL_NAMES)}), "
+                        "or a Hub id org/name[@revision] (HF cache; HF_HUB_OFFLINE=1: the cache alone)")
     p.add_argument("--calib", required=True,
                    help="prepared dir (lmprune prepare --tokenizer MODEL_DIR) or a raw source to prepare with "
                         "the model's tokenizer (shakespeare, files, dirs, globs, .jsonl)")

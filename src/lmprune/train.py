@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from lmprune.distill import Distiller
 from lmprune.errors import Interrupted, NonFiniteError, UserError
 from lmprune.evaluate import evaluate_loss
 from lmprune.loader import TokenLoader
+from lmprune.mixture import Mixture, per_source_fields, prepare_mixture, weighted_val_loss
 from lmprune.models import build_model, generate_sample, llama_config, load_hf_model
 from lmprune.optim import build_optimizer
 from lmprune.pipelines import Plan, validate_run
@@ -61,6 +62,8 @@ class TrainResult:
     tokens: int
     sample: str = ""
     is_main: bool = True
+    source_val_ppl: dict[str, float] = field(default_factory=dict)
+    """data.sources: val ppl per source (val_ppl is exp of their weighted mean loss)."""
 
 
 @dataclass
@@ -71,11 +74,16 @@ class Run:
     trainer: Trainer
     state: TrainState
     data: PreparedData
+    """The training data; with data.sources, the first source (it holds the mixture's shared tokenizer)."""
     out_dir: Path
     metrics: MetricsLog
     run_config: dict
     lock: RunLock
     """Held (by rank 0) for the life of the run."""
+    mixture: Mixture | None = None
+    """data.sources: every source, evaluated one by one."""
+    source_val_losses: dict[str, float] = field(default_factory=dict)
+    """The last evaluation's val loss per mixture source (empty without data.sources)."""
 
 
 def train(cfg: RunConfig, out_dir: Path, resume: bool = False, quiet: bool = False) -> TrainResult:
@@ -141,8 +149,10 @@ def _setup_locked(cfg: RunConfig, plan: Plan, out_dir: Path, resume: bool, info:
         clean_leftovers(out_dir)
     resume_from = find_resume_checkpoint(out_dir / "checkpoints") if resume else None
     tcfg = resumed_batch(tcfg, resume_from, info.world_size)
-    data = prepare_data(cfg, info)
-    check_data(data, tcfg)
+    mixture = prepare_mixture_data(cfg, info) if cfg.data.sources else None
+    data = mixture.parts[0].data if mixture else prepare_data(cfg, info)
+    for part_data in [p.data for p in mixture.parts] if mixture else [data]:
+        check_data(part_data, tcfg)
     model = make_model(cfg, plan, data, resume_from).to(device)
     if tcfg.activation_checkpointing:  # each decoder layer recomputes its activations in backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -150,11 +160,12 @@ def _setup_locked(cfg: RunConfig, plan: Plan, out_dir: Path, resume: bool, info:
     if fsdp:  # before the optimizer: it holds the shards
         sharding.shard_model(model, tcfg.dtype, tcfg.compile)
     make_optimizer = lambda m: build_optimizer(m, tcfg)  # noqa: E731  (also rebuilds it after compaction)
-    hook = make_hook(plan, data, cfg, make_optimizer)
+    hook = make_hook(plan, mixture.train_tokens if mixture else len(data.train), cfg, make_optimizer)
     optimizer = make_optimizer(model)
-    loader = TokenLoader(data.train, tcfg.batch_size, tcfg.seq_len, tcfg.seed, info.rank, info.world_size,
-                         pin_memory=device.type == "cuda")
-    state = TrainState(loader)
+    loader_args = (tcfg.batch_size, tcfg.seq_len, tcfg.seed, info.rank, info.world_size)
+    pin = device.type == "cuda"
+    state = TrainState(mixture.loader(*loader_args) if mixture
+                       else TokenLoader(data.train, *loader_args, pin_memory=pin))
     if hook is not None:
         hook.apply(model)
     if resume_from is not None:
@@ -165,7 +176,7 @@ def _setup_locked(cfg: RunConfig, plan: Plan, out_dir: Path, resume: bool, info:
     trainer = Trainer(tcfg, plan, model, optimizer, state.loader, device, info, hook, distiller,
                       teacher_dir=out_dir / "teacher", make_optimizer=make_optimizer)
     metrics = MetricsLog(out_dir / "metrics.jsonl", info.is_main, state.step)
-    return Run(cfg, trainer, state, data, out_dir, metrics, run_config, lock)
+    return Run(cfg, trainer, state, data, out_dir, metrics, run_config, lock, mixture)
 
 
 def find_resume_checkpoint(ckpt_root: Path) -> Path | None:
@@ -228,7 +239,7 @@ def prepare_data(cfg: RunConfig, info: Dist) -> PreparedData:
     data_cfg = cfg.data
     if data_cfg.prepared_dir:
         return PreparedData.open(data_cfg.prepared_dir)
-    tokenizer = data_cfg.tokenizer or (str(resolve_model(cfg.model.path)) if cfg.model.path else None)
+    tokenizer = run_tokenizer(cfg)
     kwargs = dict(source=data_cfg.source, vocab_size=None if tokenizer else data_cfg.vocab_size,
                   tokenizer=tokenizer, val_fraction=data_cfg.val_fraction, seed=data_cfg.seed)
     if info.is_main:
@@ -237,6 +248,21 @@ def prepare_data(cfg: RunConfig, info: Dist) -> PreparedData:
     if not info.is_main:
         path = ensure_prepared(**kwargs)
     return PreparedData.open(path)
+
+
+def run_tokenizer(cfg: RunConfig) -> str | None:
+    """The tokenizer the data is prepared with: data.tokenizer, model.path's, or None (train a BPE)."""
+    return cfg.data.tokenizer or (str(resolve_model(cfg.model.path)) if cfg.model.path else None)
+
+
+def prepare_mixture_data(cfg: RunConfig, info: Dist) -> Mixture:
+    """data.sources: every source prepared (or reused) with one tokenizer; rank 0 does the work."""
+    if info.is_main:
+        mixture = prepare_mixture(cfg.data, run_tokenizer(cfg))
+    info.barrier()
+    if not info.is_main:
+        mixture = prepare_mixture(cfg.data, run_tokenizer(cfg))
+    return mixture
 
 
 def check_data(data: PreparedData, tcfg) -> None:
@@ -272,11 +298,11 @@ def make_model(cfg: RunConfig, plan: Plan, data: PreparedData, resume_from: Path
     return model
 
 
-def make_hook(plan: Plan, data: PreparedData, cfg: RunConfig, make_optimizer) -> TrainingHook | None:
+def make_hook(plan: Plan, train_tokens: int, cfg: RunConfig, make_optimizer) -> TrainingHook | None:
     """The training-time method the plan names, built from the method table."""
     if plan.method is None:
         return None
-    context = BuildContext(train_sequences=len(data.train) // cfg.train.seq_len, make_optimizer=make_optimizer)
+    context = BuildContext(train_sequences=train_tokens // cfg.train.seq_len, make_optimizer=make_optimizer)
     return METHODS[plan.method].build(plan.method_config, context)
 
 
@@ -313,7 +339,7 @@ def fit(run: Run, quiet: bool = False) -> float | None:
     progress = tqdm(total=tcfg.steps, initial=state.step, disable=quiet or not trainer.info.is_main,
                     desc="train", unit="step", dynamic_ncols=True)
     if state.step == 0 and 0 in plan.eval_steps:  # e.g. IMP: the dense start is the curve's first row
-        run.metrics.write({"step": 0, "tokens": 0, **val_fields(evaluate(run)), **hook_metrics(trainer)})
+        run.metrics.write({"step": 0, "tokens": 0, **val_fields(run, evaluate(run)), **hook_metrics(trainer)})
     first_step, final_val_loss = state.step, None
     every_step = reads_every_step(trainer.device)
     mark_time, mark_step = time.perf_counter(), state.step  # the last step the host read (for tok/s)
@@ -370,7 +396,7 @@ def log_step(run: Run, out, train_loss: float, seconds: float, logs: bool, evalu
         row = row or {"step": state.step, "tokens": state.tokens, "loss": finite_or_none(train_loss, 6),
                       "lr": out.lr, **hook_metrics(trainer)}
         val_loss = evaluate(run)
-        row.update(val_fields(val_loss))
+        row.update(val_fields(run, val_loss))
         final_val_loss = val_loss if last_step else None
     if row is not None:
         run.metrics.write(row)
@@ -404,14 +430,26 @@ def event_flags(events: StepEvents) -> dict:
 
 
 def evaluate(run: Run) -> float:
+    """The val loss; with data.sources, the weighted mean of the sources' (each kept in source_val_losses)."""
     t = run.cfg.train
-    loss, _, _ = evaluate_loss(run.trainer.model, run.data.val, t.batch_size, t.seq_len, t.eval_tokens,
-                               run.trainer.device, t.dtype, run.trainer.info.rank, run.trainer.info.world_size)
-    return loss
+
+    def loss_on(tokens) -> float:
+        loss, _, _ = evaluate_loss(run.trainer.model, tokens, t.batch_size, t.seq_len, t.eval_tokens,
+                                   run.trainer.device, t.dtype, run.trainer.info.rank, run.trainer.info.world_size)
+        return loss
+
+    if run.mixture is None:
+        return loss_on(run.data.val)
+    run.source_val_losses = {part.name: loss_on(part.data.val) for part in run.mixture.parts}
+    return weighted_val_loss(run.source_val_losses, run.mixture)
 
 
-def val_fields(loss: float) -> dict:
-    return {"val_loss": round(loss, 6), "val_ppl": round(math.exp(loss), 4)}
+def val_fields(run: Run, loss: float) -> dict:
+    """The val keys of a metrics row: val_loss / val_ppl, and with a mixture its name and per-source keys."""
+    fields = {"val_loss": round(loss, 6), "val_ppl": round(math.exp(loss), 4)}
+    if run.mixture is not None:
+        fields.update(mixture=run.mixture.label, **per_source_fields(run.source_val_losses))
+    return fields
 
 
 def save_checkpoint(run: Run) -> Path:
@@ -454,7 +492,8 @@ def finish(run: Run, final_val_loss: float | None = None) -> TrainResult:
     if len(set(fingerprints)) > 1:
         raise RuntimeError(f"ranks ended with different weights: {fingerprints}")
     result = TrainResult(out_dir, out_dir / "final", val_loss, math.exp(val_loss), state.train_tok_per_s,
-                         params, tcfg.steps, state.tokens, is_main=info.is_main)
+                         params, tcfg.steps, state.tokens, is_main=info.is_main,
+                         source_val_ppl={name: math.exp(loss) for name, loss in run.source_val_losses.items()})
     if info.is_main:
         patterns = getattr(trainer.hook, "export_patterns", None) or DEFAULT_PATTERNS
         export_final(model, run.data, result.final_dir, tcfg.export_sparse, patterns)
@@ -471,6 +510,9 @@ def finish(run: Run, final_val_loss: float | None = None) -> TrainResult:
                    "sparsity": zero_fraction(prunable_parameters(model, patterns)),
                    "final_bytes": sum(file_sizes(result.final_dir).values()),
                    "rank_fingerprints": fingerprints}
+        if run.mixture is not None:
+            summary.update(mixture=run.mixture.label, mixture_sources=run.mixture.describe(),
+                           **per_source_fields(run.source_val_losses))
         if tcfg.export_sparse:
             summary["final_sparse_bytes"] = sum(file_sizes(out_dir / "final-sparse").values())
         write_json(out_dir / "summary.json", summary)
@@ -497,5 +539,8 @@ def print_result(result: TrainResult, stream=None) -> None:
     stream = stream or sys.stdout
     print(f"val loss {result.val_loss:.4f}  val ppl {result.val_ppl:.2f}  "
           f"train {result.train_tok_per_s:,.0f} tok/s  params {result.params:,}  -> {result.final_dir}", file=stream)
+    if result.source_val_ppl:
+        print("val ppl per source: " + ", ".join(f"{name} {ppl:.2f}" for name, ppl in result.source_val_ppl.items()),
+              file=stream)
     if result.sample:
         print(f"sample: {result.sample!r}", file=stream)
