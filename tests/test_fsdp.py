@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,15 @@ from conftest import tiny_run_config, write_config
 from lmprune.errors import UserError
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-PORTS = iter(range(29761, 29800))
+
+
+def free_port() -> int:
+    """A port nothing listens on now (other jobs on this machine run torchrun too)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 STEPS = 20
 
 
@@ -33,7 +42,7 @@ def idea_config(prepared: Path, batch_size: int, parallel: str = "fsdp", **train
 
 def torchrun(nproc: int, cfg: Path, out: Path, *extra: str, wait: bool = True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(next(PORTS)), "-m", "lmprune", "train", str(cfg), "--out", str(out), "--quiet", *extra]
+           str(free_port()), "-m", "lmprune", "train", str(cfg), "--out", str(out), "--quiet", *extra]
     if not wait:
         return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
@@ -197,7 +206,7 @@ def test_oneshot_prune_under_torchrun_sums_calibration_over_ranks(tmp_path, prep
             "--heads-ratio", "0.5", "--calib-samples", "8", "--calib-seq-len", "32", "--batch-size", "2",
             "--max-eval-tokens", "512", "--json"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(next(PORTS)), "-m", "lmprune", "prune", *args, "--out", str(tmp_path / "two")],
+                          str(free_port()), "-m", "lmprune", "prune", *args, "--out", str(tmp_path / "two")],
                          env=ENV, capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr[-3000:]
     from lmprune.cli import main
