@@ -64,9 +64,10 @@ class Mixture:
     def train_tokens(self) -> int:
         return sum(len(p.data.train) for p in self.parts)
 
-    def loader(self, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1) -> MixtureLoader:
+    def loader(self, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
+               pin_memory: bool = False) -> MixtureLoader:
         return MixtureLoader([(p.name, p.data.train, p.weight) for p in self.parts], batch_size, seq_len, seed,
-                             rank, world_size)
+                             rank, world_size, pin_memory)
 
 
 def check_mixture_sources(data_cfg: DataConfig) -> None:
@@ -162,10 +163,11 @@ class WindowStream:
 class MixtureLoader:
     """Training batches (x, y) int64 [batch_size, seq_len] drawn from weighted sources (see the module doc).
 
-    `sources`: (name, train tokens, weight) per source; weights >= 0 with a positive sum."""
+    `sources`: (name, train tokens, weight) per source; weights >= 0 with a positive sum. `pin_memory`
+    as in TokenLoader (training on CUDA: page-locked batches for non-blocking copies)."""
 
     def __init__(self, sources: list[tuple[str, Any, float]], batch_size: int, seq_len: int, seed: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> None:
         if batch_size < 1 or seq_len < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad loader shape: batch_size={batch_size} seq_len={seq_len} rank={rank}/{world_size}")
         weights = [float(w) for _, _, w in sources]
@@ -178,7 +180,7 @@ class MixtureLoader:
                                 f"fewer than one window of seq_len + 1 = {seq_len + 1}")
         self.weights = torch.tensor(weights, dtype=torch.float64) / sum(weights)
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
         self.batch_index = 0  # the next global batch to produce
 
     def slot_sources(self, batch_index: int) -> torch.Tensor:
@@ -200,7 +202,10 @@ class MixtureLoader:
             if own.any():
                 rows[chosen[own] - mine.start] = stream.gather(window_ids[own.numpy()])
         self.batch_index += 1
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        if self.pin_memory:
+            return x.pin_memory(), y.pin_memory()
+        return x, y
 
     def __iter__(self):
         while True:

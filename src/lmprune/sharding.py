@@ -32,8 +32,9 @@ __all__ = ["all_reduce_", "compact_sharded", "full_model_state", "gather_rows", 
 
 
 def uses_fsdp(parallel: str, world_size: int) -> bool:
-    """FSDP applies under torchrun only; a single process trains the plain model."""
-    return parallel == "fsdp" and world_size > 1
+    """FSDP applies under torchrun only (any world size, 1 included: its process group exists); a
+    process not started by torchrun trains the plain model."""
+    return parallel == "fsdp" and (world_size > 1 or (dist.is_available() and dist.is_initialized()))
 
 
 def is_sharded(tensor: Any) -> bool:

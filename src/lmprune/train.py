@@ -109,7 +109,7 @@ def init_distributed(device_pref: str, parallel: str = "ddp") -> tuple[Dist, tor
                         "environment): launch it with `torchrun --nproc_per_node N -m lmprune train ...`, "
                         "or set train.parallel: ddp")
     info = Dist()
-    if world_size > 1:
+    if world_size > 1 or parallel == "fsdp":  # FSDP on one device still needs its (1-rank) process group
         if not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo")
         info = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
@@ -164,7 +164,7 @@ def _setup_locked(cfg: RunConfig, plan: Plan, out_dir: Path, resume: bool, info:
     optimizer = make_optimizer(model)
     loader_args = (tcfg.batch_size, tcfg.seq_len, tcfg.seed, info.rank, info.world_size)
     pin = device.type == "cuda"
-    state = TrainState(mixture.loader(*loader_args) if mixture
+    state = TrainState(mixture.loader(*loader_args, pin_memory=pin) if mixture
                        else TokenLoader(data.train, *loader_args, pin_memory=pin))
     if hook is not None:
         hook.apply(model)
