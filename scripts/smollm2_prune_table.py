@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--calib", default="shakespeare", help="raw source (prepared with the model's tokenizer)")
     p.add_argument("--out", default="runs/smollm2_prune_table")
-    p.add_argument("--criteria", default=",".join(FFN_CRITERIA), help="comma-separated")
+    p.add_argument("--criteria", default=",".join(FFN_CRITERIA), help="comma-separated, for the first FFN ratio")
+    p.add_argument("--other-criteria", default=None,
+                   help="comma-separated, for the depth, heads and other FFN-ratio rows (default: --criteria)")
     p.add_argument("--ffn-ratios", default="0.5,0.25", help="comma-separated FFN ratios (the first one decides --keep best)")
     p.add_argument("--heads-ratio", type=float, default=1 / 3, help="0: no heads rows")
     p.add_argument("--drop-layers", type=int, default=3, help="0: no depth row")
@@ -63,21 +65,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def row_specs(args: argparse.Namespace) -> list[dict]:
-    """(label, structure kwargs, criterion, reconstruct) of every row, in table order."""
-    criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
+def _criteria(names: str) -> list[str]:
+    criteria = [c.strip() for c in names.split(",") if c.strip()]
     unknown = [c for c in criteria if c not in FFN_CRITERIA]
     if unknown or not criteria:
         raise UserError(f"unknown criteria {unknown}; choose from {sorted(FFN_CRITERIA)}")
+    return criteria
+
+
+def row_specs(args: argparse.Namespace) -> list[dict]:
+    """(structure, structure kwargs, criterion, reconstruct) of every row, in table order: the first FFN
+    ratio with --criteria, then depth, heads and the other FFN ratios with --other-criteria."""
+    first, others = _criteria(args.criteria), _criteria(args.other_criteria or args.criteria)
     refits = {"both": [False, True], "on": [True], "off": [False]}[args.refit]
-    structures = [(f"FFN {float(r):.0%}", {"ffn_ratio": float(r)}) for r in args.ffn_ratios.split(",") if r.strip()]
-    if args.heads_ratio:
-        structures.append((f"heads {args.heads_ratio:.0%}", {"heads_ratio": args.heads_ratio}))
-    specs = [{"structure": label, "kwargs": kwargs, "criterion": criterion, "reconstruct": refit}
-             for label, kwargs in structures for criterion in criteria for refit in refits]
+    ratios = [float(r) for r in args.ffn_ratios.split(",") if r.strip()]
+    structures = [(f"FFN {ratios[0]:.0%}", {"ffn_ratio": ratios[0]}, first)] if ratios else []
     if args.drop_layers:  # depth is ranked by block importance whatever the criterion; nothing to refit
-        specs.append({"structure": f"depth -{args.drop_layers}", "kwargs": {"drop_layers": args.drop_layers},
-                      "criterion": "magnitude", "reconstruct": False})
+        structures.append((f"depth -{args.drop_layers}", {"drop_layers": args.drop_layers}, None))
+    if args.heads_ratio:
+        structures.append((f"heads {args.heads_ratio:.0%}", {"heads_ratio": args.heads_ratio}, others))
+    structures += [(f"FFN {ratio:.0%}", {"ffn_ratio": ratio}, others) for ratio in ratios[1:]]
+    specs = []
+    for label, kwargs, criteria in structures:
+        if criteria is None:
+            specs.append({"structure": label, "kwargs": kwargs, "criterion": "magnitude", "reconstruct": False})
+            continue
+        specs += [{"structure": label, "kwargs": kwargs, "criterion": criterion, "reconstruct": refit}
+                  for criterion in criteria for refit in refits]
     return specs
 
 
