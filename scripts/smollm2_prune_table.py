@@ -111,6 +111,21 @@ def markdown_table(base: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def goal_lines(rows: list[dict]) -> list[str]:
+    """Per structure and criterion with both rows: ppl with refit / without (goal <= 0.8 at 50% FFN) and
+    refit wall time / calibration forward time of the refit row (goal <= 1)."""
+    by_key = {(row["structure"], row["criterion"], row["reconstruct"]): row for row in rows}
+    lines = []
+    for (structure, criterion, refit), row in by_key.items():
+        plain = by_key.get((structure, criterion, False))
+        if refit and plain is not None:
+            seconds = row["seconds"]
+            lines.append(f"{structure} {criterion}: ppl refit / no refit = {row['ppl_after'] / plain['ppl_after']:.3f}"
+                         f"; refit s / calibration forward s = {seconds['refit']:.1f} / "
+                         f"{seconds['calibration_forward']:.1f} = {seconds['refit'] / seconds['calibration_forward']:.3f}")
+    return lines
+
+
 def _row_name(spec: dict) -> str:
     structure = spec["structure"].replace(" ", "").replace("%", "").replace("-", "drop")
     return f"{structure}-{spec['criterion']}-{'refit' if spec['reconstruct'] else 'norefit'}"
@@ -172,6 +187,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def _write(out: Path, base: dict, result: dict) -> None:
     result["table"] = markdown_table(base, result["rows"])
+    result["goals"] = goal_lines(result["rows"])
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "table.md", result["table"] + "\n")
     write_json(out / "table.json", result)
@@ -184,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smollm2_prune_table: error: {err}", file=sys.stderr)
         return 2
     print(result["table"])
+    print("\n".join(result["goals"]))
     print(f"best: {result['best']}" + (f" (saved to {result['best_dir']})" if result["best_dir"] else ""))
     return 0
 

@@ -2,11 +2,13 @@
 
 Formulas: docs/algorithms.md, "One-shot pruning of pretrained models".
 
-Pipeline (`prune_model`): validate the request and plan the widths -> one calibration pass that keeps
-per-channel statistics only (`calibration.collect_stats`) -> score FFN neurons / GQA groups / decoder
-layers with one criterion from `FFN_CRITERIA` / `HEAD_CRITERIA` (in `lmprune.pruning.pretrained.calibration`,
-re-exported here) and block importance -> physical surgery
-(`lmprune.pruning.surgery`), giving a smaller dense model that plain `AutoModelForCausalLM` loads.
+Pipeline (`prune_model`): validate the request and plan the widths -> calibration statistics, per
+channel only: layer by layer on the already pruned predecessors' outputs (`sequential.prune_sequential`,
+default) or in one pass over the unpruned model (`calibration.collect_stats`) -> per layer
+(`layerwise`): score FFN neurons / GQA groups with one criterion from `FFN_CRITERIA` / `HEAD_CRITERIA`
+(in `lmprune.pruning.pretrained.calibration`, re-exported here), refit down_proj / o_proj by least
+squares (`reconstruct`, default on except for magnitude), slice (`lmprune.pruning.surgery`) -> drop
+the layers of lowest block importance, giving a smaller dense model that plain `AutoModelForCausalLM` loads.
 
 Choices a caller should know:
 - Ranking is per layer, so every layer keeps the same FFN width and KV-group count (HF configs hold
@@ -15,7 +17,8 @@ Choices a caller should know:
   and its query heads), so head_dim and the query/KV ratio never change; `round_to` does not apply.
 - Depth pruning drops the `drop_layers` layers of lowest block importance 1 - cos(x_in, x_out),
   ranked once on the unpruned model (ShortGPT style).
-- FLAP bias compensation adds W[:, pruned] @ mean(X[pruned]) to down_proj / o_proj as a bias where the
+- FLAP bias compensation adds W mean(X) - W' mean(X[kept]) (= W[:, pruned] @ mean(X[pruned]) without a
+  refit) to down_proj / o_proj as a bias where the
   family's config can hold one (Llama: `mlp_bias`, `attention_bias`; Qwen3: `attention_bias`); those
   flags also give the sibling projections zero biases (counted in the parameter totals). Where the
   family cannot (Mistral, Qwen2, Qwen3's MLP), compensation is skipped with a warning.
