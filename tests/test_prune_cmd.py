@@ -185,6 +185,7 @@ BAD_INPUTS = {
     "offload without sequential": (["--ffn-ratio", "0.5", "--offload", "--no-sequential"], "needs --sequential"),
     "offload with taylor": (["--ffn-ratio", "0.5", "--offload"], "cannot run with --offload"),
     "plan without target": (["--ffn-ratio", "0.5", "--plan"], "--plan needs --target-params"),
+    "not a device": (["--ffn-ratio", "0.5", "--device", "gpu0"], "is not a device"),
 }
 
 

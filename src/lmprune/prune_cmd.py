@@ -68,8 +68,10 @@ def add_prune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 def run_prune(args: argparse.Namespace) -> int:
     """The `prune` verb: prune, save, print a before/after table (or one JSON object with --json)."""
+    from lmprune.cli import check_device
     from lmprune.prune_app import PruneRequest, prune_pretrained
 
+    check_device(args.device)
     fields = {field.name for field in dataclasses.fields(PruneRequest)}
     request = PruneRequest(**{key: value for key, value in vars(args).items() if key in fields})
     if args.plan:
