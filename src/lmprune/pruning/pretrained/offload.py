@@ -34,7 +34,12 @@ def check_safetensors_dir(model_dir: Path) -> None:
 
 
 class SafetensorsWeights:
-    """Tensors by name from a model dir's safetensors file(s), opened once and read lazily (mmap)."""
+    """Tensors by name from a model dir's safetensors file(s), read on demand.
+
+    Each `read` maps the files it needs and unmaps them afterwards: file pages read through a mapping
+    that stays open count in the process's RSS, so a handle kept open for the whole run would end up
+    holding the whole unpruned model's pages.
+    """
 
     def __init__(self, model_dir: Path) -> None:
         check_safetensors_dir(model_dir)
@@ -45,18 +50,21 @@ class SafetensorsWeights:
             with safe_open(model_dir / _SINGLE, framework="pt") as handle:
                 files = {name: model_dir / _SINGLE for name in handle.keys()}
         self.files = files
-        self._handles: dict[Path, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        if name not in self.files:
-            raise UserError(f"the model's safetensors files hold no tensor {name!r}")
-        path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt", device="cpu")
-        return self._handles[path].get_tensor(name).to(dtype)
+    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        missing = [name for name in names if name not in self.files]
+        if missing:
+            raise UserError(f"the model's safetensors files hold no tensor {missing[0]!r}")
+        tensors = {}
+        for path in dict.fromkeys(self.files[name] for name in names):
+            with safe_open(path, framework="pt", device="cpu") as handle:
+                for name in names:
+                    if self.files[name] == path:
+                        tensors[name] = handle.get_tensor(name).to(dtype).clone()  # own memory, not the map
+        return tensors
 
 
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -73,10 +81,10 @@ def load_offloaded(model_dir: Path, dtype: torch.dtype) -> tuple[nn.Module, Safe
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
     family_of(model)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    for name, _ in list(model.named_parameters()):
-        if name.startswith("model.layers.") or (tied and name == "lm_head.weight" and name not in weights):
-            continue
-        _set_parameter(model, name, weights.get(name, dtype))
+    names = [name for name, _ in model.named_parameters() if not name.startswith("model.layers.")
+             and not (tied and name == "lm_head.weight" and name not in weights)]
+    for name, tensor in weights.read(names, dtype).items():
+        _set_parameter(model, name, tensor)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)  # non-persistent buffers
@@ -98,7 +106,8 @@ class OffloadedLayers:
         layer = self.layers[index]
         if any(p.is_meta for p in layer.parameters()):
             prefix = f"model.layers.{index}."
-            state = {name: self.weights.get(prefix + name, self.dtype) for name in layer.state_dict()}
+            tensors = self.weights.read([prefix + name for name in layer.state_dict()], self.dtype)
+            state = {name.removeprefix(prefix): tensor for name, tensor in tensors.items()}
             layer.load_state_dict(state, strict=True, assign=True)
         return layer.to(self.device)
 
