@@ -178,6 +178,14 @@ BAD_INPUTS = {
     "nothing to prune": ([], "nothing to prune"),
     "calibration too short": (["--ffn-ratio", "0.5", "--calib-samples", "100000"], "--calib-samples 100000"),
     "calib seq len over max positions": (["--ffn-ratio", "0.5", "--calib-seq-len", "65"], "max_position_embeddings"),
+    "damp zero": (["--ffn-ratio", "0.5", "--damp", "0"], "--damp must be > 0"),
+    "damp negative": (["--ffn-ratio", "0.5", "--damp", "-0.1"], "--damp must be > 0"),
+    "calib set smaller than the kept neurons": (["--ffn-ratio", "0.5", "--calib-samples", "1"],
+                                                "16 tokens, fewer than the 32 FFN neurons kept per layer"),
+    "offload without sequential": (["--ffn-ratio", "0.5", "--offload", "--no-sequential"], "needs --sequential"),
+    "offload with taylor": (["--ffn-ratio", "0.5", "--offload"], "cannot run with --offload"),
+    "plan without target": (["--ffn-ratio", "0.5", "--plan"], "--plan needs --target-params"),
+    "not a device": (["--ffn-ratio", "0.5", "--device", "gpu0"], "is not a device"),
 }
 
 
@@ -216,6 +224,56 @@ def test_bad_model_or_data_is_one_line_exit_2(model_and_calib, bad_dirs, tmp_pat
     assert len(err) == 1 and err[0].startswith("lmprune: error:") and expected in err[0], err
     assert (bad_dirs["foreign"] / "notes.txt").read_text() == "keep me"
     assert not (tmp_path / "out").exists()
+
+
+def test_offload_prunes_like_in_memory_and_reports_peak_rss(model_and_calib, tmp_path, capsys):
+    model_dir, calib, _ = model_and_calib
+    reports = []
+    for flags in ([], ["--offload"]):
+        out = tmp_path / ("offload" if flags else "memory")
+        rc = run_cli(model_dir, "--calib", calib, "--out", out, "--criterion", "flap", "--ffn-ratio", "0.5",
+                     "--drop-layers", "1", "--json", *FAST, *flags)
+        assert rc == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    memory, offload = reports
+    assert offload["offload"] and offload["ppl_before"] is None  # the whole unpruned model is never loaded
+    assert offload["params_after"] == memory["params_after"]
+    assert offload["dropped_layers"] == memory["dropped_layers"]
+    assert offload["ppl_after"] == pytest.approx(memory["ppl_after"], rel=1e-4)
+    assert offload["peak_rss_prune_bytes"] > 0 and offload["seconds"]["refit"] > 0
+
+
+def test_offload_of_a_dir_without_safetensors_is_one_line_exit_2(model_and_calib, tmp_path, capsys):
+    model_dir, calib, _ = model_and_calib
+    torch_dir = tmp_path / "torch-weights"
+    torch_dir.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (model_dir / name).is_file():
+            (torch_dir / name).write_bytes((model_dir / name).read_bytes())
+    (torch_dir / "model.sparse.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes())
+    rc = run_cli(torch_dir, "--calib", calib, "--out", tmp_path / "out", "--criterion", "flap", "--ffn-ratio", "0.5",
+                 "--offload", *FAST)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--offload needs a model dir with safetensors" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_mode_prunes_each_structure_to_the_same_budget(model_and_calib, tmp_path, capsys):
+    model_dir, calib, _ = model_and_calib
+    from lmprune.pruning.pretrained.oneshot import plan_pruning
+
+    target = plan_pruning(AutoModelForCausalLM.from_pretrained(model_dir), heads_ratio=0.5).params_after
+    rc = run_cli(model_dir, "--calib", calib, "--out", tmp_path / "plan", "--criterion", "wanda-sp",
+                 "--target-params", target, "--plan", *FAST)
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "FFN only" in table and "heads only" in table and "depth only" in table
+    report = json.loads((tmp_path / "plan" / "prune_plan.json").read_text())
+    reached = [row for row in report["rows"] if "unreachable" not in row]
+    assert [row["structure"] for row in report["rows"]] == ["FFN only", "heads only", "depth only"]
+    assert len(reached) == 3 and all(row["params_after"] <= target for row in reached)
+    assert all(row["ppl_after"] > 1 for row in reached)
+    assert not (tmp_path / "plan" / "config.json").exists()  # the plan saves no model
 
 
 def test_parser_choices_match_the_library():

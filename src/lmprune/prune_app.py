@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +31,16 @@ from lmprune.loader import val_batches
 from lmprune.errors import UserError
 from lmprune.evaluate import evaluate_loss, forward_throughput
 from lmprune.models import check_model_dir, load_hf_model
-from lmprune.pruning.pretrained.oneshot import FFN_CRITERIA, PrunePlan, plan_pruning, prune_model, solve_for_target_params
+from lmprune.pruning.pretrained.offload import OffloadedLayers, check_safetensors_dir, load_offloaded
+from lmprune.pruning.pretrained.oneshot import (
+    FFN_CRITERIA,
+    PrunePlan,
+    default_reconstruct,
+    plan_pruning,
+    prune_model,
+    solve_for_target_params,
+)
+from lmprune.pruning.pretrained.reconstruct import DEFAULT_DAMP, check_damp, check_refit_tokens
 from lmprune.pruning.surgery import FAMILIES, count_parameters
 from lmprune.sources import DTYPES, resolve_model
 from lmprune.sharding import join_torchrun
@@ -61,8 +71,12 @@ class PruneRequest:
     dtype: str = "fp32"  # weights dtype for loading, pruning, evaluating and saving
     max_eval_tokens: int = 16384  # val tokens scored for perplexity, before and after
     seed: int = 0  # seed of the calibration window choice
-    device: str = "cpu"
+    device: str = "cpu"  # compute device of calibration, refit and evaluation
     overwrite: bool = False  # replace an earlier prune output in `out`
+    sequential: bool = True  # layer l calibrated on the outputs of layers 0..l-1 already pruned
+    reconstruct: bool | None = None  # least-squares refit of down_proj / o_proj; None: on unless magnitude
+    damp: float = DEFAULT_DAMP  # the refit's ridge term, x mean(diag G)
+    offload: bool = False  # one layer at a time from the safetensors files; only pruned layers stay in memory
 
     def __post_init__(self) -> None:
         if self.criterion not in FFN_CRITERIA:
@@ -86,6 +100,16 @@ class PruneRequest:
                 raise UserError("give either --ffn-ratio or --target-params, not both")
         elif self.ffn_ratio == 0.0 and self.heads_ratio == 0.0 and self.drop_layers == 0:
             raise UserError("nothing to prune: give --ffn-ratio, --heads-ratio, --drop-layers or --target-params")
+        check_damp(self.damp)
+        if self.offload and not self.sequential:
+            raise UserError("--offload loads one layer at a time and needs --sequential")
+        if self.offload and self.criterion == "taylor":
+            raise UserError("--criterion taylor needs the whole model for its backward pass; it cannot run with "
+                            "--offload (use activation, flap, wanda-sp or magnitude)")
+
+    @property
+    def refit(self) -> bool:
+        return default_reconstruct(self.criterion) if self.reconstruct is None else self.reconstruct
 
 
 def prune_pretrained(request: PruneRequest, progress: bool = True) -> dict[str, Any]:
@@ -100,6 +124,8 @@ def prune_pretrained(request: PruneRequest, progress: bool = True) -> dict[str, 
         raise UserError(f"--out {out_dir} is the model dir itself; choose another output dir")
     config = check_model_dir(model_dir)
     _check_family(model_dir, config)
+    if request.offload:
+        check_safetensors_dir(model_dir)
     data = open_calibration_data(request.calib, model_dir)
     _check_vocab(data, config, request.calib, model_dir)
     max_positions = int(config.get("max_position_embeddings") or DEFAULT_EVAL_SEQ_LEN)
@@ -109,22 +135,27 @@ def prune_pretrained(request: PruneRequest, progress: bool = True) -> dict[str, 
     val_batches(data.val, request.batch_size, eval_seq_len, request.max_eval_tokens)  # raises now if val is too short
 
     device = torch.device(request.device)
-    with _quiet_transformers_progress():
-        model = load_hf_model(model_dir, DTYPES[request.dtype]).to(device)
-    _plan(model, request)  # validates the ratios / target against this model before any heavy work
+    model, source = load_for_pruning(model_dir, request, device)
+    plan = _plan(model, request)  # validates the ratios / target against this model before any heavy work
+    if request.refit:
+        _check_refit_tokens(plan, request.calib_samples * calib_seq_len)
     tokenizer = output_tokenizer(model_dir, data)
 
     measure_args = (data.val, request.batch_size, eval_seq_len, request.max_eval_tokens, device, request.dtype,
                     progress)
-    before = measure(model, *measure_args)
+    # with --offload the unpruned model is never whole in memory, so it is not measured
+    before = dict.fromkeys(_MEASURED) if request.offload else measure(model, *measure_args)
     rank, world = join_torchrun(device)  # under torchrun: each rank calibrates on its share, sums all-reduced
     t0 = time.perf_counter()
     batches = calibration_batches(data.train, starts, calib_seq_len, request.batch_size)[rank::world]
     pruned = prune_model(model, batches,
                          request.criterion, ffn_ratio=request.ffn_ratio, heads_ratio=request.heads_ratio,
                          drop_layers=request.drop_layers, target_params=request.target_params,
-                         round_to=request.round_to)
+                         round_to=request.round_to, sequential=request.sequential, reconstruct=request.reconstruct,
+                         damp=request.damp, layer_source=source)
     prune_seconds = time.perf_counter() - t0
+    peak_rss_prune = peak_rss_bytes()
+    model = model.to(device)
     after = measure(model, *measure_args)
 
     report = {
@@ -137,13 +168,40 @@ def prune_pretrained(request: PruneRequest, progress: bool = True) -> dict[str, 
         "calib_samples": request.calib_samples, "calib_seq_len": calib_seq_len, "seed": request.seed,
         "eval_seq_len": eval_seq_len, "max_eval_tokens": request.max_eval_tokens, "batch_size": request.batch_size,
         "throughput_shape": [THROUGHPUT_BATCH, min(THROUGHPUT_SEQ_LEN, eval_seq_len)],
-        "dtype": request.dtype, "device": request.device, "prune_seconds": prune_seconds, "out": str(out_dir),
+        "dtype": request.dtype, "device": request.device, "offload": request.offload,
+        "prune_seconds": prune_seconds, "peak_rss_prune_bytes": peak_rss_prune, "peak_rss_bytes": peak_rss_bytes(),
+        "model_fp32_bytes": 4 * pruned["params_before"], "out": str(out_dir),
     }
     if rank == 0:
         save_pruned(model, tokenizer, out_dir, report, request.overwrite)
     if world > 1:
         torch.distributed.barrier()
     return report
+
+
+_MEASURED = ("params", "loss", "ppl", "eval_tokens", "tok_per_s")  # the keys `measure` returns
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def load_for_pruning(model_dir: Path, request: PruneRequest,
+                     device: torch.device) -> tuple[torch.nn.Module, OffloadedLayers | None]:
+    """The whole model on `device`, or with --offload a skeleton whose layers load one at a time."""
+    if request.offload:
+        model, weights = load_offloaded(model_dir, DTYPES[request.dtype])
+        return model, OffloadedLayers(model, weights, device, DTYPES[request.dtype])
+    with _quiet_transformers_progress():
+        return load_hf_model(model_dir, DTYPES[request.dtype]).to(device), None
+
+
+def _check_refit_tokens(plan: PrunePlan, tokens: int) -> None:
+    if plan.prunes_ffn:
+        check_refit_tokens(tokens, plan.ffn_width, "FFN neurons")
+    if plan.prunes_heads:
+        check_refit_tokens(tokens, plan.num_heads * plan.head_dim, "attention channels (o_proj inputs)")
 
 
 # ---------------------------------------------------------------- checks (all before heavy work)

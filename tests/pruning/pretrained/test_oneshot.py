@@ -189,7 +189,7 @@ def test_pruned_model_logits_equal_masked_model(criterion):
     original = tiny_model()
     pruned = copy.deepcopy(original)
     report = prune_model(pruned, calib_batches(), criterion, ffn_ratio=0.5, heads_ratio=0.5,
-                         bias_compensation=False)
+                         bias_compensation=False, sequential=False, reconstruct=False)
     assert report["ffn_width_after"] == 32 and report["num_kv_heads_after"] == 1
     assert pruned.model.layers[0].mlp.down_proj.weight.shape == (32, 32)
     stats = collect_stats(original, calib_batches(), CRITERION_NEEDS[criterion])
@@ -205,7 +205,8 @@ def test_pruned_model_logits_equal_masked_model(criterion):
 def test_flap_bias_compensation_equals_masked_model_plus_mean_bias():
     original = tiny_model()
     pruned = copy.deepcopy(original)
-    report = prune_model(pruned, calib_batches(), "flap", ffn_ratio=0.25, heads_ratio=0.5)
+    report = prune_model(pruned, calib_batches(), "flap", ffn_ratio=0.25, heads_ratio=0.5, sequential=False,
+                         reconstruct=False)
     assert report["bias_compensation"] == {"ffn": True, "attention": True}
     assert pruned.config.mlp_bias and pruned.config.attention_bias
     assert report["params_after"] == plan_pruning(original, 0.25, 0.5, compensate_bias=True).params_after
@@ -247,7 +248,7 @@ def test_gqa_head_pruning_keeps_config_consistent_and_generates():
 def test_qwen_head_pruning_slices_biases_and_keeps_qk_norms(family):
     original = tiny_model(family)
     pruned = copy.deepcopy(original)
-    prune_model(pruned, calib_batches(), "activation", heads_ratio=0.5)
+    prune_model(pruned, calib_batches(), "activation", heads_ratio=0.5, reconstruct=False)
     attn, old = pruned.model.layers[1].self_attn, original.model.layers[1].self_attn
     if family == "qwen2":
         assert attn.q_proj.bias.shape == (16,) and attn.k_proj.bias.shape == (8,)

@@ -12,6 +12,7 @@ score tensor per decoder layer (higher = more important): `FFN_CRITERIA` scores 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ __all__ = [
     "CRITERION_NEEDS", "FFN_CRITERIA", "HEAD_CRITERIA", "STAT_KINDS", "CalibStats", "ChannelStats", "collect_stats",
 ]
 
-STAT_KINDS = ("activations", "taylor", "blocks")
+STAT_KINDS = ("activations", "gram", "taylor", "blocks")
 
 
 # ---------------------------------------------------------------- calibration statistics
@@ -41,23 +42,37 @@ def _accumulator(size: int, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class ChannelStats:
-    """Per-input-channel sums at one Linear's input (down_proj or o_proj) over all calibration tokens."""
+    """Per-input-channel sums at one Linear's input (down_proj or o_proj) over all calibration tokens.
+
+    `gram` (only when the refit needs it) is sum_t x_t x_t^T, [C, C]: the reconstruction's G.
+    """
 
     sum: torch.Tensor  # [C] sum_t x_tc
     sq_sum: torch.Tensor  # [C] sum_t x_tc^2
     seq_mean_sq: torch.Tensor  # [C] sum_b (mean_t |x_btc|)^2  (Minitron: mean over sequence, L2 over batch)
     tokens: int = 0
+    gram: torch.Tensor | None = None  # [C, C] sum_t x_t x_t^T, or None
+    gram_seconds: float = 0.0  # wall time spent accumulating gram (part of the refit's cost)
 
     @classmethod
-    def zeros(cls, channels: int, device: torch.device) -> ChannelStats:
-        return cls(*(_accumulator(channels, device) for _ in range(3)))
+    def zeros(cls, channels: int, device: torch.device, gram: bool = False) -> ChannelStats:
+        sums = (_accumulator(channels, device) for _ in range(3))
+        return cls(*sums, gram=_accumulator(channels * channels, device).view(channels, channels) if gram else None)
 
     def update(self, x: torch.Tensor) -> None:
+        """Add one batch x [B, T, C]. The one place calibration statistics are accumulated."""
         x = x.detach().float()  # [B, T, C]
         self.sum += x.sum(dim=(0, 1))
         self.sq_sum += x.square().sum(dim=(0, 1))
         self.seq_mean_sq += x.abs().mean(dim=1).square().sum(dim=0)
         self.tokens += x.shape[0] * x.shape[1]
+        if self.gram is not None:
+            t0 = time.perf_counter()
+            flat = x.reshape(-1, x.shape[-1])  # [B*T, C]
+            self.gram += (flat.T @ flat).to(self.gram.dtype)  # one batch's product in fp32, summed in fp64
+            if flat.is_cuda:
+                torch.cuda.synchronize(flat.device)
+            self.gram_seconds += time.perf_counter() - t0
 
     def mean(self) -> torch.Tensor:
         return self.sum / self.tokens
@@ -99,9 +114,10 @@ def _empty_stats(model: nn.Module, needs: Collection[str], device: torch.device)
     num_heads, num_kv_heads, head_dim = attention_shape(model)
     inter = model.config.intermediate_size
     stats = CalibStats()
-    if "activations" in needs:
-        stats.ffn_inputs = [ChannelStats.zeros(inter, device) for _ in layers]
-        stats.attn_inputs = [ChannelStats.zeros(num_heads * head_dim, device) for _ in layers]
+    if "activations" in needs or "gram" in needs:
+        gram = "gram" in needs
+        stats.ffn_inputs = [ChannelStats.zeros(inter, device, gram) for _ in layers]
+        stats.attn_inputs = [ChannelStats.zeros(num_heads * head_dim, device, gram) for _ in layers]
     if "blocks" in needs:
         stats.block_dissimilarity = _accumulator(len(layers), device)
     if "taylor" in needs:
@@ -131,7 +147,7 @@ def _register_hooks(model: nn.Module, stats: CalibStats, needs: Collection[str])
         return hook
 
     for index, layer in enumerate(decoder_layers(model)):
-        if "activations" in needs:
+        if "activations" in needs or "gram" in needs:
             handles.append(layer.mlp.down_proj.register_forward_pre_hook(channel_hook(stats.ffn_inputs[index])))
             handles.append(layer.self_attn.o_proj.register_forward_pre_hook(channel_hook(stats.attn_inputs[index])))
         if "blocks" in needs:
@@ -180,7 +196,8 @@ def _prunable_weights(model: nn.Module) -> list[nn.Parameter]:
 def collect_stats(model: nn.Module, calib_batches: Iterable[torch.Tensor], needs: Collection[str]) -> CalibStats:
     """One pass over `calib_batches` (LongTensor [B, T] each) accumulating per-channel statistics only.
 
-    needs ⊆ {"activations", "taylor", "blocks"}: "activations" = sums at down_proj and o_proj inputs;
+    needs ⊆ STAT_KINDS: "activations" = sums at down_proj and o_proj inputs; "gram" = those and the
+    Gram matrices sum x x^T there (the refit's G, [C, C] per layer);
     "taylor" = |w*g| per neuron / GQA group from backward of the LM loss, summed over batches (only
     the projection weights get gradients; `.grad` is cleared afterwards); "blocks" = 1 - cos of each
     decoder layer's hidden states in and out. Runs in eval mode and under no_grad unless "taylor";

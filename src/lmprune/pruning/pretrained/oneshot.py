@@ -2,11 +2,13 @@
 
 Formulas: docs/algorithms.md, "One-shot pruning of pretrained models".
 
-Pipeline (`prune_model`): validate the request and plan the widths -> one calibration pass that keeps
-per-channel statistics only (`calibration.collect_stats`) -> score FFN neurons / GQA groups / decoder
-layers with one criterion from `FFN_CRITERIA` / `HEAD_CRITERIA` (in `lmprune.pruning.pretrained.calibration`,
-re-exported here) and block importance -> physical surgery
-(`lmprune.pruning.surgery`), giving a smaller dense model that plain `AutoModelForCausalLM` loads.
+Pipeline (`prune_model`): validate the request and plan the widths -> calibration statistics, per
+channel only: layer by layer on the already pruned predecessors' outputs (`sequential.prune_sequential`,
+default) or in one pass over the unpruned model (`calibration.collect_stats`) -> per layer
+(`layerwise`): score FFN neurons / GQA groups with one criterion from `FFN_CRITERIA` / `HEAD_CRITERIA`
+(in `lmprune.pruning.pretrained.calibration`, re-exported here), refit down_proj / o_proj by least
+squares (`reconstruct`, default on except for magnitude), slice (`lmprune.pruning.surgery`) -> drop
+the layers of lowest block importance, giving a smaller dense model that plain `AutoModelForCausalLM` loads.
 
 Choices a caller should know:
 - Ranking is per layer, so every layer keeps the same FFN width and KV-group count (HF configs hold
@@ -15,7 +17,8 @@ Choices a caller should know:
   and its query heads), so head_dim and the query/KV ratio never change; `round_to` does not apply.
 - Depth pruning drops the `drop_layers` layers of lowest block importance 1 - cos(x_in, x_out),
   ranked once on the unpruned model (ShortGPT style).
-- FLAP bias compensation adds W[:, pruned] @ mean(X[pruned]) to down_proj / o_proj as a bias where the
+- FLAP bias compensation adds W mean(X) - W' mean(X[kept]) (= W[:, pruned] @ mean(X[pruned]) without a
+  refit) to down_proj / o_proj as a bias where the
   family's config can hold one (Llama: `mlp_bias`, `attention_bias`; Qwen3: `attention_bias`); those
   flags also give the sibling projections zero biases (counted in the parameter totals). Where the
   family cannot (Mistral, Qwen2, Qwen3's MLP), compensation is skipped with a warning.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,24 +44,40 @@ from lmprune.pruning.pretrained.calibration import (
     HEAD_CRITERIA,
     CalibStats,
     ChannelStats,
+    _checked_batch,
     collect_stats,
 )
+from lmprune.pruning.pretrained.layerwise import (
+    LayerOptions,
+    LayerView,
+    RefitLog,
+    commit_config_,
+    layer_stats,
+    prune_layer_ffn_,
+    prune_layer_heads_,
+    top_indices,
+)
+from lmprune.pruning.pretrained.reconstruct import DEFAULT_DAMP, check_damp, check_refit_tokens
+from lmprune.pruning.pretrained.sequential import (
+    InMemoryLayers,
+    LayerSource,
+    SequentialTimes,
+    capture_layer_inputs,
+    layerwise_block_importance,
+    prune_sequential,
+)
 from lmprune.pruning.surgery import (
-    add_output_bias_,
     attention_shape,
     count_parameters,
     decoder_layers,
     drop_layers_,
     family_of,
-    kv_group_channels,
-    prune_ffn_,
-    prune_kv_groups_,
     supports_output_bias,
 )
 
 __all__ = [
     "CRITERION_NEEDS", "FFN_CRITERIA", "HEAD_CRITERIA", "CalibStats", "ChannelStats", "PrunePlan",
-    "collect_stats", "family_of", "plan_pruning", "prune_model", "solve_for_target_params",
+    "collect_stats", "default_reconstruct", "family_of", "plan_pruning", "prune_model", "solve_for_target_params",
 ]
 
 # A heads ratio must select whole KV groups; this much slack (in groups) lets "0.33" mean one of three.
@@ -261,67 +281,157 @@ def solve_for_target_params(
 # ---------------------------------------------------------------- one-shot prune
 
 
-def _top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the `count` highest scores, in ascending index order (stable on ties)."""
-    return torch.argsort(scores, descending=True, stable=True)[:count].sort().values
+def default_reconstruct(criterion: str) -> bool:
+    """The refit is on by default for every criterion that sees data; magnitude keeps its plain slice."""
+    return criterion != "magnitude"
 
 
-def _flap_biases(
-    model: nn.Module, inputs: list[ChannelStats], kept_channels: list[torch.Tensor], part: str
-) -> list[torch.Tensor]:
-    """Per layer W[:, pruned] @ mean(X[pruned]) ([hidden]): the mean output the pruned channels carried."""
-    biases = []
-    for layer, acc, kept in zip(decoder_layers(model), inputs, kept_channels):
-        linear = layer.mlp.down_proj if part == "ffn" else layer.self_attn.o_proj
-        pruned = torch.ones(linear.in_features, dtype=torch.bool, device=acc.sum.device)
-        pruned[kept.to(pruned.device)] = False
-        weight = linear.weight.detach().to(acc.sum.dtype)  # [hidden, C]
-        biases.append(weight[:, pruned] @ acc.mean()[pruned])
-    return biases
+@dataclass(frozen=True)
+class _Request:
+    """What prune_model was asked, validated and resolved against the model."""
+
+    criterion: str
+    plan: PrunePlan
+    needs: frozenset[str]
+    options: LayerOptions
+    sequential: bool
 
 
-@dataclass
-class _Selection:
-    """What one-shot pruning removes, indexed by the ORIGINAL layer numbers (lists empty when unused)."""
+def _resolve(model: nn.Module, criterion: str, plan: PrunePlan, sequential: bool, reconstruct: bool | None,
+             damp: float, offloaded: bool, calib_batches: list | None) -> _Request:
+    """Calibration needs and per-layer options; every UserError before any calibration work."""
+    damp = check_damp(damp)
+    reconstruct = default_reconstruct(criterion) if reconstruct is None else bool(reconstruct)
+    prunes_width = plan.prunes_ffn or plan.prunes_heads
+    reconstruct = reconstruct and prunes_width
+    needs = set(CRITERION_NEEDS[criterion]) if prunes_width else set()
+    if reconstruct:
+        needs.add("gram")
+    if plan.ffn_bias_compensation or plan.attn_bias_compensation:
+        needs.add("activations")
+    if plan.layers_to_drop:
+        needs.add("blocks")
+    if needs and calib_batches is None:
+        raise UserError(f"criterion {criterion!r} / depth pruning / the refit needs calibration batches")
+    if needs and not calib_batches:
+        raise UserError("no calibration batches: the calibration set is empty")
+    for batch in calib_batches if needs else ():
+        _checked_batch(batch, model.config.vocab_size)  # a bad batch fails now, not after hours of layers
+    if offloaded and not sequential:
+        raise UserError("--offload loads one layer at a time and needs --sequential")
+    if offloaded and "taylor" in needs:
+        raise UserError("--criterion taylor needs the whole model for its backward pass; it cannot run with "
+                        "--offload (use activation, flap, wanda-sp or magnitude)")
+    if reconstruct:
+        tokens = sum(int(batch.numel()) for batch in calib_batches)
+        if plan.prunes_ffn:
+            check_refit_tokens(tokens, plan.ffn_width, "FFN neurons")
+        if plan.prunes_heads:
+            check_refit_tokens(tokens, plan.num_heads * plan.head_dim, "attention channels (o_proj inputs)")
+    options = LayerOptions(criterion, reconstruct, damp, plan.ffn_bias_compensation, plan.attn_bias_compensation)
+    return _Request(criterion, plan, frozenset(needs), options, sequential or offloaded)
 
-    dropped_layers: list[int]
-    ffn_keep: list[torch.Tensor]  # per layer [ffn_width] kept neurons
-    group_keep: list[torch.Tensor]  # per layer [kv_groups] kept GQA groups
-    ffn_bias: list[torch.Tensor]  # per layer [hidden] FLAP compensation for down_proj
-    attn_bias: list[torch.Tensor]  # per layer [hidden] FLAP compensation for o_proj
 
-
-def _select(model: nn.Module, plan: PrunePlan, stats: CalibStats, criterion: str) -> _Selection:
-    """Rank layers, neurons and groups on the unpruned model; compute FLAP biases before any slicing."""
+def _prune_globally(model: nn.Module, batches: list | None, request: _Request) -> tuple[CalibStats, list[int],
+                                                                                       RefitLog, SequentialTimes]:
+    """--no-sequential: statistics of every layer from one pass over the unpruned model, then per-layer pruning."""
+    plan, times = request.plan, SequentialTimes()
+    t0 = time.perf_counter()
+    stats = collect_stats(model, batches, request.needs) if request.needs else CalibStats()
+    times.gram_seconds = sum(acc.gram_seconds for acc in (*stats.ffn_inputs, *stats.attn_inputs))
+    times.forward_seconds = time.perf_counter() - t0 - times.gram_seconds
     dropped = []
     if plan.layers_to_drop:
-        dropped = sorted(_top_indices(-stats.block_importance(), plan.layers_to_drop).tolist())
-    ffn_keep, group_keep, ffn_bias, attn_bias = [], [], [], []
-    if plan.prunes_ffn:
-        ffn_keep = [_top_indices(s, plan.ffn_width) for s in FFN_CRITERIA[criterion](model, stats)]
-    if plan.prunes_heads:
-        group_keep = [_top_indices(s, plan.kv_groups) for s in HEAD_CRITERIA[criterion](model, stats)]
-    if plan.ffn_bias_compensation:
-        ffn_bias = _flap_biases(model, stats.ffn_inputs, ffn_keep, "ffn")
-    if plan.attn_bias_compensation:
-        group_width = plan.num_heads // plan.kv_groups * plan.head_dim  # o_proj-input channels per group
-        kept_channels = [kv_group_channels(groups, group_width) for groups in group_keep]
-        attn_bias = _flap_biases(model, stats.attn_inputs, kept_channels, "attention")
-    return _Selection(dropped, ffn_keep, group_keep, ffn_bias, attn_bias)
+        dropped = sorted(top_indices(-stats.block_importance(), plan.layers_to_drop).tolist())
+    log, view = RefitLog(), None
+    for index, layer in enumerate(decoder_layers(model)):
+        if index in dropped:
+            continue
+        view, layer_part = LayerView(model, layer), layer_stats(stats, index)
+        if plan.prunes_heads:
+            prune_layer_heads_(view, layer_part, plan.kv_groups, request.options, log)
+        if plan.prunes_ffn:
+            prune_layer_ffn_(view, layer_part, plan.ffn_width, request.options, log)
+    if view is not None:
+        commit_config_(model, view)
+    return stats, dropped, log, times
 
 
-def _apply_(model: nn.Module, selection: _Selection) -> None:
-    """Surgery: drop layers first, then slice the survivors with their own (original-index) selections."""
-    kept_layers = [i for i in range(len(decoder_layers(model))) if i not in selection.dropped_layers]
-    drop_layers_(model, selection.dropped_layers)
-    if selection.ffn_keep:
-        prune_ffn_(model, [selection.ffn_keep[i] for i in kept_layers])
-    if selection.ffn_bias:
-        add_output_bias_(model, "ffn", [selection.ffn_bias[i] for i in kept_layers])
-    if selection.group_keep:
-        prune_kv_groups_(model, [selection.group_keep[i] for i in kept_layers])
-    if selection.attn_bias:
-        add_output_bias_(model, "attention", [selection.attn_bias[i] for i in kept_layers])
+def _prune_sequentially(model: nn.Module, batches: list | None, request: _Request,
+                        source: LayerSource | None) -> tuple[CalibStats, list[int], RefitLog, SequentialTimes]:
+    """--sequential: layer by layer, each layer measured on its pruned predecessors' outputs."""
+    plan, times = request.plan, SequentialTimes()
+    source = source or InMemoryLayers(model)
+    stats = CalibStats()
+    if "taylor" in request.needs:  # gradients need the whole network: one backward on the unpruned model
+        t0 = time.perf_counter()
+        stats = collect_stats(model, batches, {"taylor"})
+        times.forward_seconds += time.perf_counter() - t0
+    dropped = []
+    if plan.layers_to_drop:
+        block_inputs = capture_layer_inputs(model, batches, source.device)
+        importance = layerwise_block_importance(model, block_inputs, source, times)
+        stats.block_dissimilarity, stats.block_tokens = importance * block_inputs.tokens, block_inputs.tokens
+        dropped = sorted(top_indices(-importance, plan.layers_to_drop).tolist())
+        del block_inputs
+    inputs = None
+    if request.needs & {"activations", "gram"}:
+        inputs = capture_layer_inputs(model, batches, source.device)
+        stats.batches, stats.tokens = len(inputs.hidden), inputs.tokens
+    elif batches:
+        stats.batches, stats.tokens = len(batches), sum(int(b.numel()) for b in batches)
+    log = prune_sequential(model, inputs, source, plan, dropped, request.options, stats, times)
+    return stats, dropped, log, times
+
+
+def prune_model(
+    model: nn.Module,
+    calib_batches: Iterable[torch.Tensor] | None,
+    criterion: str,
+    ffn_ratio: float = 0.0,
+    heads_ratio: float = 0.0,
+    drop_layers: int = 0,
+    target_params: int | None = None,
+    round_to: int = 8,
+    bias_compensation: bool = True,
+    sequential: bool = True,
+    reconstruct: bool | None = None,
+    damp: float = DEFAULT_DAMP,
+    layer_source: LayerSource | None = None,
+) -> dict[str, Any]:
+    """Prune `model` in place: FFN neurons, whole GQA groups and/or decoder layers, ranked per layer.
+
+    criterion: a key of FFN_CRITERIA (the same name ranks heads via HEAD_CRITERIA).
+    target_params: instead of ffn_ratio, solve the FFN width for a size <= target (see solve_for_target_params).
+    bias_compensation: FLAP only; fold the mean output the kept columns no longer carry into biases.
+    sequential: layer l calibrated on the outputs of layers 0..l-1 already pruned (default); False: one
+    pass over the unpruned model. reconstruct: least-squares refit of down_proj / o_proj on the kept
+    channels (None: on for every criterion but magnitude); damp: its ridge term, x mean(diag G), > 0.
+    layer_source: where the layers live (offload.OffloadedLayers for --offload; default the model's own).
+    calib_batches: LongTensor [B, T] token ids; may be None when nothing needs calibration (magnitude
+    without refit or depth pruning). Everything is validated before calibration starts.
+    Returns a JSON-serialisable report (params and shapes before/after, dropped layers, refit errors, times).
+    """
+    family = family_of(model)
+    if criterion not in FFN_CRITERIA:
+        raise UserError(f"unknown criterion {criterion!r}; choose from {sorted(FFN_CRITERIA)}")
+    compensate = criterion == "flap" and bias_compensation
+    if target_params is not None:
+        if ffn_ratio != 0.0:
+            raise UserError("give either ffn_ratio or target_params, not both")
+        plan = solve_for_target_params(model, target_params, heads_ratio, drop_layers, round_to, compensate)
+    else:
+        plan = plan_pruning(model, ffn_ratio, heads_ratio, drop_layers, round_to, compensate)
+    batches = list(calib_batches) if calib_batches is not None else None
+    request = _resolve(model, criterion, plan, sequential, reconstruct, damp, layer_source is not None, batches)
+    if compensate:
+        _warn_skipped_compensation(plan, family)
+    if request.sequential:
+        stats, dropped, log, times = _prune_sequentially(model, batches, request, layer_source)
+    else:
+        stats, dropped, log, times = _prune_globally(model, batches, request)
+    drop_layers_(model, dropped)
+    return _prune_report(model, family, request, stats, dropped, log, times, round_to)
 
 
 def _warn_skipped_compensation(plan: PrunePlan, family: str) -> None:
@@ -337,57 +447,14 @@ def _warn_skipped_compensation(plan: PrunePlan, family: str) -> None:
             )
 
 
-def prune_model(
-    model: nn.Module,
-    calib_batches: Iterable[torch.Tensor] | None,
-    criterion: str,
-    ffn_ratio: float = 0.0,
-    heads_ratio: float = 0.0,
-    drop_layers: int = 0,
-    target_params: int | None = None,
-    round_to: int = 8,
-    bias_compensation: bool = True,
-) -> dict[str, Any]:
-    """Prune `model` in place: FFN neurons, whole GQA groups and/or decoder layers, ranked per layer.
-
-    criterion: a key of FFN_CRITERIA (the same name ranks heads via HEAD_CRITERIA).
-    target_params: instead of ffn_ratio, solve the FFN width for a size <= target (see solve_for_target_params).
-    bias_compensation: FLAP only; fold the pruned channels' mean output into biases where supported.
-    calib_batches: LongTensor [B, T] token ids; may be None when nothing needs calibration (magnitude
-    without depth pruning). Everything is validated before calibration starts.
-    Returns a JSON-serialisable report (params and shapes before/after, dropped layers, criterion).
-    """
-    family = family_of(model)
-    if criterion not in FFN_CRITERIA:
-        raise UserError(f"unknown criterion {criterion!r}; choose from {sorted(FFN_CRITERIA)}")
-    compensate = criterion == "flap" and bias_compensation
-    if target_params is not None:
-        if ffn_ratio != 0.0:
-            raise UserError("give either ffn_ratio or target_params, not both")
-        plan = solve_for_target_params(model, target_params, heads_ratio, drop_layers, round_to, compensate)
-    else:
-        plan = plan_pruning(model, ffn_ratio, heads_ratio, drop_layers, round_to, compensate)
-    needs = set(CRITERION_NEEDS[criterion]) if (plan.prunes_ffn or plan.prunes_heads) else set()
-    if plan.layers_to_drop:
-        needs.add("blocks")
-    if needs and calib_batches is None:
-        raise UserError(f"criterion {criterion!r} / depth pruning needs calibration batches")
-    if compensate:
-        _warn_skipped_compensation(plan, family)
-
-    stats = collect_stats(model, calib_batches, needs) if needs else CalibStats()
-    selection = _select(model, plan, stats, criterion)
-    _apply_(model, selection)
-    return _prune_report(model, family, criterion, plan, stats, selection, round_to)
-
-
-def _prune_report(model: nn.Module, family: str, criterion: str, plan: PrunePlan, stats: CalibStats,
-                  selection, round_to: int) -> dict[str, Any]:
+def _prune_report(model: nn.Module, family: str, request: _Request, stats: CalibStats, dropped: list[int],
+                  log: RefitLog, times: SequentialTimes, round_to: int) -> dict[str, Any]:
     """The JSON-serialisable before/after record of one `prune_model` call."""
+    plan = request.plan
     heads_per_group = plan.num_heads // plan.kv_groups
     return {
         "family": family,
-        "criterion": criterion,
+        "criterion": request.criterion,
         "params_before": plan.params_before,
         "params_after": count_parameters(model),
         "ffn_width_before": plan.ffn_width_before,
@@ -399,9 +466,15 @@ def _prune_report(model: nn.Module, family: str, criterion: str, plan: PrunePlan
         "head_dim": plan.head_dim,
         "num_layers_before": plan.num_layers_before,
         "num_layers_after": plan.num_layers_before - plan.layers_to_drop,
-        "dropped_layers": selection.dropped_layers,
+        "dropped_layers": dropped,
         "block_importance": stats.block_importance().tolist() if plan.layers_to_drop else None,
         "bias_compensation": {"ffn": plan.ffn_bias_compensation, "attention": plan.attn_bias_compensation},
         "round_to": round_to,
+        "sequential": request.sequential,
+        "reconstruct": request.options.reconstruct,
+        "damp": request.options.damp,
+        "refit": log.as_dict(),
+        "seconds": {"calibration_forward": times.forward_seconds, "refit": times.gram_seconds + log.solve_seconds,
+                    "refit_gram": times.gram_seconds, "refit_solve": log.solve_seconds},
         "calibration": {"batches": stats.batches, "tokens": stats.tokens},
     }
