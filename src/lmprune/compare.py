@@ -159,7 +159,7 @@ def run_seed(compare: CompareConfig, runs: dict[str, RunConfig], out_dir: Path, 
             continue
         if name != INIT_RUN and compare.init is not None:
             validate_run(cfg)  # the starting model exists now
-        if name in trunk_of and not (run_dir / "summary.json").is_file():
+        if name in trunk_of and not (run_dir / "run_config.json").is_file():  # not branched yet
             first = trunk_of[name]
             t_w = groups[first][0]
             trunk_dir = seed_dir(out_dir / "trunks", first, seed)
@@ -227,8 +227,10 @@ def method_of(cfg: RunConfig) -> tuple[str, float | None, str]:
     """(method name, final sparsity, family) of a run, for the report; read from the method table."""
     sections = method_sections(cfg)
     if sections:
-        method = METHODS[sections[0]]
-        return sections[0], method.final_sparsity(getattr(cfg, sections[0])), method.family
+        method, method_cfg = METHODS[sections[0]], getattr(cfg, sections[0])
+        # a regulariser switched off (mgpp.prior: false) is its own line in the report: the no-prior control
+        label = sections[0] + ("_noprior" if getattr(method_cfg, "prior", True) is False else "")
+        return label, method.final_sparsity(method_cfg), method.family
     if cfg.pipeline is not None:
         return cfg.pipeline.name, None, "dense" if cfg.pipeline.name == "scratch" else "structured"
     return "dense", None, "dense"
