@@ -81,7 +81,8 @@ def equal_compute_config(reference: RunConfig, reference_flops: float, vocab_siz
     tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * world_size
     step_flops = 3 * forward_flops_per_token(target, tcfg.seq_len) * tokens_per_step
     steps = max(tcfg.steps, int(round(reference_flops / step_flops)))
-    raw["train"] = dict(raw["train"], steps=steps)
+    # no retention probe: with more tokens this run may pass the end of its first epoch and see the windows again
+    raw["train"] = dict(raw["train"], steps=steps, retention_windows=0)
     return config_from_dict(raw, source=EQUAL_COMPUTE_RUN)
 
 

@@ -239,12 +239,13 @@ def write_compare_report(out_dir: Path, summary: dict, compare) -> Path:
             pm, pg = at["mgpp"]["val_ppl"], at["gmp"]["val_ppl"]
             lines.append(f"- at {level:.0%} sparsity: mgpp ({pm:.3f}) <= gmp ({pg:.3f}): "
                          f"{'holds' if pm <= pg else 'does NOT hold'}")
-    for level in sorted({r["level"] for r in sparse.values() if r.get("level")}):
-        at = {r["method"]: r for r in sparse.values() if r.get("level") == level}
-        if "mgpp" in at and "mgpp_noprior" in at:
-            pm, pn = at["mgpp"]["val_ppl"], at["mgpp_noprior"]["val_ppl"]
-            lines.append(f"- at {level:.0%} sparsity, the prior's own effect (same schedule, no prior): mgpp ({pm:.3f}) "
-                         f"vs mgpp_noprior ({pn:.3f}): the prior {'helps' if pm < pn else 'does NOT help'}")
+    for name, control in sorted(sparse.items()):  # the no-prior control NAME_noprior next to NAME
+        base = sparse.get(name.replace("_noprior", ""))
+        if control["method"] == "mgpp_noprior" and base is not None and base["method"] == "mgpp":
+            pm, pn = base["val_ppl"], control["val_ppl"]
+            lines.append(f"- at {control['level']:.0%} sparsity, the prior's own effect (same schedule): "
+                         f"{name.replace('_noprior', '')} ({pm:.3f}) vs {name} ({pn:.3f}): "
+                         f"the prior {'helps' if pm < pn else 'does NOT help'}")
     path = out_dir / "report.md"
     write_text(path, "\n".join(lines) + "\n")
     return path
