@@ -103,7 +103,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if args.quiet:
         quiet_hf_progress()
-    summary = run_compare(args.config, Path(args.out), overrides=args.set, quiet=args.quiet)
+    summary = run_compare(args.config, Path(args.out), overrides=args.set, quiet=args.quiet,
+                          report_only=args.report_only)
     print(f"{'run':24s} {'val ppl':>9s} {'params':>11s} {'ffn':>5s} {'tokens':>11s} {'FLOPs':>10s} {'infer tok/s':>11s}")
     for name, r in summary["pipelines"].items():
         print(f"{name:24s} {r['val_ppl']:9.3f} {r['params']:11,d} {r['ffn_width']:5d} {r['train_tokens']:11,d} "
@@ -200,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output dir (one sub-dir per run; rerun to resume)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write summary.json and report.md from the runs that have finished")
     p.set_defaults(func=cmd_compare)
 
     p = verbs.add_parser("eval", help="val perplexity and tokens/s of a HF causal-LM dir")

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lmprune import checkpoint as ckpt
 from lmprune.atomic import remove_stale_leftovers, write_json
 from lmprune.config import CompareConfig, RunConfig, apply_overrides, config_from_dict, read_raw_config
 from lmprune.errors import UserError
@@ -26,7 +27,8 @@ from lmprune.models import build_model, forward_flops_per_token, llama_config, l
 from lmprune.pipelines import validate_run
 from lmprune.pruning import METHODS, method_sections
 from lmprune.report import plot_compare, write_compare_report
-from lmprune.train import print_result, train
+from lmprune.train import print_result, train, train_until
+from lmprune.trunks import branch, trunk_groups
 
 EQUAL_COMPUTE_RUN = "scratch_equal_flops"
 
@@ -79,12 +81,16 @@ def equal_compute_config(reference: RunConfig, reference_flops: float, vocab_siz
     tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * world_size
     step_flops = 3 * forward_flops_per_token(target, tcfg.seq_len) * tokens_per_step
     steps = max(tcfg.steps, int(round(reference_flops / step_flops)))
-    raw["train"] = dict(raw["train"], steps=steps)
+    # no retention probe: with more tokens this run may pass the end of its first epoch and see the windows again
+    raw["train"] = dict(raw["train"], steps=steps, retention_windows=0)
     return config_from_dict(raw, source=EQUAL_COMPUTE_RUN)
 
 
 def run_compare(config_path: str | Path, out_dir: Path, overrides: list[str] | None = None,
-                quiet: bool = False) -> dict[str, Any]:
+                quiet: bool = False, report_only: bool = False) -> dict[str, Any]:
+    """Train every run (per seed of compare.seeds), then write summary.json, the plots and report.md.
+
+    With `report_only` nothing trains: the summary and report cover the runs that have finished."""
     raw = read_raw_config(config_path, overrides)
     compare, runs = run_configs(raw, str(config_path), out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,45 +102,126 @@ def run_compare(config_path: str | Path, out_dir: Path, overrides: list[str] | N
         warnings.warn(f"removed {len(removed)} temp file(s) left by a killed compare in {out_dir}", stacklevel=2)
     write_json(saved, raw)
 
-    results: dict[str, dict[str, Any]] = {}
-    for name, cfg in runs.items():
-        if name != INIT_RUN and compare.init is not None:
-            validate_run(cfg)  # the starting model exists now
-        results[name] = run_one(name, cfg, out_dir / name, quiet)
-    if compare.scratch_equal_compute:
-        reference = runs[compare.compute_reference]
-        vocab = load_hf_model(out_dir / compare.compute_reference / "final").config.vocab_size
-        cfg = equal_compute_config(reference, results[compare.compute_reference]["train_flops"], vocab)
-        results[EQUAL_COMPUTE_RUN] = run_one(EQUAL_COMPUTE_RUN, cfg, out_dir / EQUAL_COMPUTE_RUN, quiet)
-
+    per_seed: dict[str, dict[int, dict[str, Any]]] = {}
+    shared: dict[str, list[str]] = {}
+    for seed in compare.seeds or [None]:
+        rows, groups = run_seed(compare, runs, out_dir, seed, quiet, report_only)
+        for name, row in rows.items():
+            per_seed.setdefault(name, {})[row["seed"]] = row
+        shared.update({f"trunks/{first}": members for first, (_, members) in groups.items()})
+    results = {name: aggregate_seeds(rows) for name, rows in per_seed.items()}
     for name, result in results.items():
-        model = load_hf_model(out_dir / name / "final")
+        model = load_hf_model(seed_dir(out_dir, name, compare.seeds and result["seeds"][0]) / "final")
         result["infer_tok_per_s"] = round(forward_throughput(model, model.config.vocab_size, compare.infer_batch_size,
                                                              compare.infer_seq_len, torch.device("cpu")), 1)
-    summary = {"pipelines": results}
+    summary = {"pipelines": results, "seeds": compare.seeds, "shared_trunks": shared}
+    if report_only:
+        expected = [*runs, *([EQUAL_COMPUTE_RUN] if compare.scratch_equal_compute else [])]
+        if compare.seeds:
+            summary["unfinished"] = [f"{name} (seed {seed})" for seed in compare.seeds for name in expected
+                                     if seed not in per_seed.get(name, {})]
+        else:
+            summary["unfinished"] = [name for name in expected if name not in per_seed]
     write_json(out_dir / "summary.json", summary)
-    plot_compare(out_dir, list(results))
+    run_dirs = {name: [seed_dir(out_dir, name, seed if compare.seeds else None) for seed in results[name]["seeds"]]
+                for name in results}
+    plot_compare(out_dir, run_dirs)
     write_compare_report(out_dir, summary, compare)
     return summary
 
 
-def run_one(name: str, cfg: RunConfig, run_dir: Path, quiet: bool) -> dict[str, Any]:
+def seed_dir(out_dir: Path, name: str, seed: int | None) -> Path:
+    """DIR/NAME for a compare without seeds, DIR/NAME/seed-S with them."""
+    return out_dir / name if seed is None else out_dir / name / f"seed-{seed}"
+
+
+def with_seed(cfg: RunConfig, seed: int | None, out_dir: Path) -> RunConfig:
+    """The run at `seed` (train.seed: init and data order); a start from DIR/init uses that seed's init."""
+    if seed is None:
+        return cfg
+    update: dict[str, Any] = {"train": cfg.train.model_copy(update={"seed": seed})}
+    if cfg.model.path == str(out_dir / INIT_RUN / "final"):
+        update["model"] = cfg.model.model_copy(update={"path": str(seed_dir(out_dir, INIT_RUN, seed) / "final")})
+    return cfg.model_copy(update=update)
+
+
+def run_seed(compare: CompareConfig, runs: dict[str, RunConfig], out_dir: Path, seed: int | None, quiet: bool,
+             report_only: bool) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[int, list[str]]]]:
+    """Every run at one seed (trunk groups branched from one trunk each); their summary rows."""
+    configs = {name: with_seed(cfg, seed, out_dir) for name, cfg in runs.items()}
+    groups = trunk_groups(configs) if compare.share_trunks and compare.init is None else {}
+    trunk_of = {member: first for first, (_, members) in groups.items() for member in members}
+    results: dict[str, dict[str, Any]] = {}
+    for name, cfg in configs.items():
+        run_dir = seed_dir(out_dir, name, seed)
+        if report_only:
+            if (run_dir / "summary.json").is_file() and (run_dir / "final" / "config.json").is_file():
+                results[name] = summary_row(cfg, run_dir, seed)
+            continue
+        if name != INIT_RUN and compare.init is not None:
+            validate_run(cfg)  # the starting model exists now
+        if name in trunk_of and not (run_dir / "run_config.json").is_file():  # not branched yet
+            first = trunk_of[name]
+            t_w = groups[first][0]
+            trunk_dir = seed_dir(out_dir / "trunks", first, seed)
+            if not quiet and not (trunk_dir / "checkpoints" / ckpt.step_dir_name(t_w)).is_dir():
+                print(f"== trunk of {', '.join(groups[first][1])} (to step {t_w}) ==", flush=True)
+            train_until(configs[first], trunk_dir, t_w, quiet=quiet)
+            branch(trunk_dir, t_w, cfg, run_dir)
+        results[name] = run_one(name, cfg, run_dir, quiet, seed)
+    if compare.scratch_equal_compute and compare.compute_reference in results:
+        reference = configs[compare.compute_reference]
+        run_dir = seed_dir(out_dir, EQUAL_COMPUTE_RUN, seed)
+        vocab = load_hf_model(seed_dir(out_dir, compare.compute_reference, seed) / "final").config.vocab_size
+        cfg = equal_compute_config(reference, results[compare.compute_reference]["train_flops"], vocab)
+        if not report_only:
+            results[EQUAL_COMPUTE_RUN] = run_one(EQUAL_COMPUTE_RUN, cfg, run_dir, quiet, seed)
+        elif (run_dir / "summary.json").is_file() and (run_dir / "final" / "config.json").is_file():
+            results[EQUAL_COMPUTE_RUN] = summary_row(cfg, run_dir, seed)
+    return results, groups
+
+
+def aggregate_seeds(rows: dict[int | None, dict[str, Any]]) -> dict[str, Any]:
+    """One summary row over seeds: the first seed's row with val_ppl the mean, plus val_ppl_mean,
+    val_ppl_std (sample std; None with one seed) and val_ppl_seeds; the same for retention_ppl."""
+    seeds = list(rows)
+    result = dict(rows[seeds[0]])
+    result.pop("seed")
+    result["seeds"] = seeds
+    for metric in ("val_ppl", "retention_ppl"):
+        values = [rows[seed][metric] for seed in seeds if metric in rows[seed]]
+        if len(values) != len(seeds):
+            continue
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+        result.update({metric: mean, f"{metric}_mean": mean, f"{metric}_std": std,
+                       f"{metric}_seeds": {str(seed): value for seed, value in zip(seeds, values)}})
+    return result
+
+
+def run_one(name: str, cfg: RunConfig, run_dir: Path, quiet: bool, seed: int | None = None) -> dict[str, Any]:
     """Train one run (or reuse / resume it) and return its summary row."""
     summary_file = run_dir / "summary.json"
     if not (summary_file.is_file() and (run_dir / "final" / "config.json").is_file()):
         if not quiet:
-            print(f"== {name} ==", flush=True)
+            print(f"== {name}{'' if seed is None else f' (seed {seed})'} ==", flush=True)
         result = train(cfg, run_dir, resume=True, quiet=quiet)
         if not quiet:
             print_result(result)
-    run = json.loads(summary_file.read_text())
+    return summary_row(cfg, run_dir, seed)
+
+
+def summary_row(cfg: RunConfig, run_dir: Path, seed: int | None) -> dict[str, Any]:
+    """The compare summary row of a finished run."""
+    run = json.loads((run_dir / "summary.json").read_text())
     method, level, family = method_of(cfg)
     return {"val_ppl": run["val_ppl"], "val_loss": run["val_loss"], "params": run["params"],
             "ffn_width": run["ffn_width"], "train_tokens": run["tokens"], "train_flops": run["train_flops"],
             "train_tok_per_s": round(run["train_tok_per_s"], 1), "steps": run["steps"],
             "pipeline": cfg.pipeline.name if cfg.pipeline else method, "method": method, "level": level, "family": family,
-            "sparsity": run["sparsity"], "final_bytes": run["final_bytes"],
+            "sparsity": run["sparsity"], "final_bytes": run["final_bytes"], "seed": cfg.train.seed if seed is None else seed,
             **({"final_sparse_bytes": run["final_sparse_bytes"]} if "final_sparse_bytes" in run else {}),
+            **({"retention_ppl": run["retention_ppl"]} if "retention_ppl" in run else {}),
             **{key: value for key, value in run.items() if key == "mixture" or key.startswith("val_ppl/")}}
 
 
@@ -142,8 +229,10 @@ def method_of(cfg: RunConfig) -> tuple[str, float | None, str]:
     """(method name, final sparsity, family) of a run, for the report; read from the method table."""
     sections = method_sections(cfg)
     if sections:
-        method = METHODS[sections[0]]
-        return sections[0], method.final_sparsity(getattr(cfg, sections[0])), method.family
+        method, method_cfg = METHODS[sections[0]], getattr(cfg, sections[0])
+        # a regulariser switched off (mgpp.prior: false) is its own line in the report: the no-prior control
+        label = sections[0] + ("_noprior" if getattr(method_cfg, "prior", True) is False else "")
+        return label, method.final_sparsity(method_cfg), method.family
     if cfg.pipeline is not None:
         return cfg.pipeline.name, None, "dense" if cfg.pipeline.name == "scratch" else "structured"
     return "dense", None, "dense"

@@ -162,6 +162,14 @@ class TrainConfig(Section):
     """Learning rate at the end of the cosine decay."""
     warmup: int = 20
     """Linear warmup steps."""
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    """LR after warmup: cosine decay to lr_end, or wsd (warmup-stable-decay: lr held at its peak, then a
+    linear decay to lr_end over the last wsd_decay of the run; a pipeline prunes inside the stable phase)."""
+    wsd_decay: float = 0.2
+    """wsd: the fraction of the run (of each restarted segment) spent in the final decay."""
+    retention_windows: int = 0
+    """Retention probe (pipelines): this many training windows, all seen before pruning starts (t_w) and
+    never after, are evaluated with val (`retention_ppl`): what the run still knows of its early data."""
     weight_decay: float = 0.1
     """AdamW weight decay (matrices only; norms and biases have none)."""
     beta1: float = 0.9
@@ -221,6 +229,10 @@ class TrainConfig(Section):
             raise ValueError(f"train.lr_end must be in [0, lr={self.lr}], got {self.lr_end}")
         if not 0 <= self.warmup <= self.steps:
             raise ValueError(f"train.warmup ({self.warmup}) must be in [0, steps={self.steps}]")
+        if not 0.0 < self.wsd_decay <= 1.0:
+            raise ValueError(f"train.wsd_decay must be in (0, 1], got {self.wsd_decay}")
+        if self.retention_windows < 0:
+            raise ValueError(f"train.retention_windows must be >= 0, got {self.retention_windows}")
         if self.keep_last < 2:
             raise ValueError(f"train.keep_last must be >= 2, got {self.keep_last}")
         for name in ("eval_every", "save_every", "weight_decay", "grad_clip", "sample_tokens"):
@@ -249,7 +261,12 @@ class PipelineConfig(Section):
     prune_every: int = 5
     """Steps between mask updates inside the window (idea)."""
     oneshot_schedule: Literal["resumed", "restarted"] = "resumed"
-    """oneshot: keep the run's schedule after pruning (resumed) or start a new warmup+cosine (restarted)."""
+    """oneshot: keep the run's schedule after pruning (resumed) or start a new warmup+cosine (restarted);
+    scratch honours it too: `restarted` restarts its schedule at prune_start with no pruning (the LR-restart
+    control)."""
+    naive_fresh_optimizer: bool = False
+    """naive: the optimizer after the one-shot prune starts afresh (empty AdamW moments), as a naive
+    prune-then-retrain would; false carries the kept neurons' moments over."""
     importance: Literal["sensitivity", "magnitude", "random"] = "sensitivity"
     """Neuron score: EMA of |w * grad|, |w|, or seeded random."""
     ema: float = 0.5
@@ -314,6 +331,13 @@ class CompareConfig(Section):
     init: dict[str, Any] | None = None
     """Overrides of a dense run trained first (DIR/init); every run then starts from its final model
     (model.path): the same starting model for fine-tuning methods such as mgpp / gmp / imp."""
+    seeds: list[int] | None = None
+    """Run every entry once per seed (train.seed: init and data order); summary.json and the report then
+    give the mean and std over seeds. None = one run at train.seed."""
+    share_trunks: bool = True
+    """Runs identical up to prune start (idea / oneshot / oneshot-restarted; scratch / scratch-restarted)
+    branch from one checkpoint of a trunk run instead of each training that prefix again (exact: resume is
+    bit-exact)."""
     scratch_equal_compute: bool = True
     """Also train the target model from scratch for the training FLOPs of `compute_reference`."""
     compute_reference: str = "idea"
@@ -327,6 +351,8 @@ class CompareConfig(Section):
     def _check(self) -> "CompareConfig":
         if not self.runs:
             raise ValueError("compare.runs is empty")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"compare.seeds must be a non-empty list of distinct seeds, got {self.seeds}")
         for name in self.runs:
             if not name.replace("-", "_").isidentifier():
                 raise ValueError(f"compare run name {name!r} must be a plain name (letters, digits, _ and -)")

@@ -18,7 +18,6 @@ from lmprune.sharding import is_sharded
 from lmprune.errors import UserError
 
 
-@torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, tokens: np.ndarray, batch_size: int, seq_len: int, max_tokens: int,
                   device: torch.device, dtype: str = "fp32", rank: int = 0, world_size: int = 1,
                   progress: bool = False) -> tuple[float, int, float]:
@@ -27,13 +26,28 @@ def evaluate_loss(model: torch.nn.Module, tokens: np.ndarray, batch_size: int, s
     Under DDP each rank takes every world_size-th batch and the sums are all-reduced, so every
     rank returns the same numbers. Returns (loss, target tokens, forward seconds).
     """
+    batches = list(val_batches(tokens, batch_size, seq_len, max_tokens))
+    return mean_loss(model, batches, device, dtype, rank, world_size, progress)
+
+
+def evaluate_windows(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
+                     dtype: str = "fp32", rank: int = 0, world_size: int = 1) -> float:
+    """Mean next-token loss over given windows (int64 [n, seq_len + 1]), e.g. the retention probe."""
+    batches = [(rows[:, :-1], rows[:, 1:]) for rows in windows.split(batch_size)]
+    return mean_loss(model, batches, device, dtype, rank, world_size)[0]
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+              dtype: str = "fp32", rank: int = 0, world_size: int = 1,
+              progress: bool = False) -> tuple[float, int, float]:
+    """(mean next-token loss, target tokens, forward seconds) over (x, y) batches, in eval mode."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     seconds = 0.0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-    batches = list(val_batches(tokens, batch_size, seq_len, max_tokens))
     # FSDP: every rank must run the same number of forwards (each gathers the weights with the others)
     sharded = world_size > 1 and is_sharded(next(model.parameters()))
     rounds = -(-len(batches) // world_size) * world_size if sharded else len(batches)
@@ -49,7 +63,7 @@ def evaluate_loss(model: torch.nn.Module, tokens: np.ndarray, batch_size: int, s
         t0 = time.perf_counter()
         with autocast:
             logits = model(input_ids=x).logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum")
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
         loss_sum += loss.double()
         seconds += time.perf_counter() - t0
         count += y.numel()

@@ -88,6 +88,18 @@ class TokenLoader:
         while True:
             yield self.next_batch()
 
+    def seen_windows(self, batches: int, count: int) -> torch.Tensor:
+        """`count` windows (int64 [count, seq_len + 1]) evenly spread over the windows of global batches
+        [0, batches) of epoch 0, i.e. those all ranks train on in those batches; reads no loader state."""
+        if batches > self.batches_per_epoch:
+            raise UserError(f"{batches} batches are more than one epoch ({self.batches_per_epoch} batches)")
+        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, 0))
+        order = torch.randperm(self.num_windows, generator=generator)  # the same order as epoch 0's
+        used = batches * self.batch_size * self.world_size
+        picks = np.linspace(0, used - 1, num=min(count, used)).round().astype(np.int64)
+        window_ids = order[torch.from_numpy(picks)].numpy()
+        return _gather_windows(self.tokens, window_ids * (self.seq_len + 1), self.seq_len + 1)
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batch_index": self.batch_index}
 

@@ -15,6 +15,10 @@ any data is prepared; it returns the run's Plan (which method, when to evaluate,
   naive    enlarged model; warmup+cosine over [0, t_w) (decays fully); one-shot prune at t_w;
            a NEW warmup+cosine over [t_w, T)
   oneshot  enlarged model; one-shot prune at t_w; the run's schedule resumed (or restarted at t_w)
+
+  scratch with oneshot_schedule: restarted is the LR-restart control (the restart, no pruning);
+  naive_fresh_optimizer gives naive empty AdamW moments after its prune; train.schedule: wsd makes every
+  segment warmup-stable-decay (pipelines then prune inside the stable phase).
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ class Plan:
     """First step with distillation (None = no KD)."""
     eval_steps: frozenset[int] = field(default_factory=frozenset)
     """Completed-step counts with an evaluation besides train.eval_every and the end (0 = before training)."""
+    wsd_decay: float | None = None
+    """train.schedule wsd: the decay fraction of every segment (None = warmup+cosine)."""
+    prune_start: int | None = None
+    """t_w of a pipeline (also of scratch, whose restart control restarts there): where runs that share a
+    trunk diverge, and the end of the steps whose windows the retention probe draws from."""
 
     @property
     def prune(self) -> FFNPruneConfig | None:
@@ -59,7 +68,7 @@ class Plan:
         return self.method_config if isinstance(self.method_config, FFNPruneConfig) else None
 
     def lr_at(self, step: int, peak: float, end: float, warmup: int) -> float:
-        return segmented_warmup_cosine(step, peak, end, warmup, list(self.lr_segments))
+        return segmented_warmup_cosine(step, peak, end, warmup, list(self.lr_segments), self.wsd_decay)
 
     def evaluates_after(self, done: int, eval_every: int, total_steps: int) -> bool:
         """Whether the loop evaluates once `done` steps are complete."""
@@ -108,9 +117,25 @@ def validate_run(cfg: RunConfig) -> Plan:
     if cfg.kd is not None and cfg.kd.teacher is not None:
         check_model_dir(resolve_model(cfg.kd.teacher))
     plan = resolve_plan(cfg, hf_config)
+    check_schedule_rules(cfg, plan)
     if plan.method is not None:
         METHODS[plan.method].check_plan(plan.method_config, cfg.train.steps, plan.initial_width)
     return plan
+
+
+def check_schedule_rules(cfg: RunConfig, plan: Plan) -> None:
+    """The control knobs apply where they mean something; wsd prunes inside the stable phase."""
+    pipe = cfg.pipeline
+    if pipe is not None and pipe.naive_fresh_optimizer and pipe.name != "naive":
+        raise UserError(f"pipeline.naive_fresh_optimizer is for pipeline naive, not {pipe.name}")
+    if cfg.train.retention_windows and plan.prune_start is None:
+        raise UserError("train.retention_windows needs a pipeline (the probe draws windows seen before prune_start)")
+    if plan.wsd_decay is None or plan.prune is None or (pipe is not None and pipe.name == "naive"):
+        return
+    decay_start = cfg.train.steps - int(round(plan.wsd_decay * cfg.train.steps))
+    if plan.prune.end_step > decay_start:
+        raise UserError(f"train.schedule wsd: pruning ends at step {plan.prune.end_step}, after the decay starts "
+                        f"(step {decay_start}); prune inside the stable phase (lower train.wsd_decay or the window)")
 
 
 def _kd_start(cfg: RunConfig, snapshot_step: int | None, why: str) -> int | None:
@@ -139,15 +164,18 @@ def resolve_plan(cfg: RunConfig, hf_config: dict | None = None) -> Plan:
         snapshot = method_cfg.start_step if isinstance(method_cfg, FFNPruneConfig) else None
         kd_start = _kd_start(cfg, snapshot, "kd.teacher must name a HF dir (no pruning here to snapshot a teacher from)")
         eval_steps = METHODS[name].eval_steps(method_cfg, steps) if name else frozenset()
-        return Plan(width, target, ((0, steps),), name, method_cfg, kd_start, eval_steps)
+        wsd = cfg.train.wsd_decay if cfg.train.schedule == "wsd" else None
+        return Plan(width, target, ((0, steps),), name, method_cfg, kd_start, eval_steps, wsd_decay=wsd)
 
     target = configured_width(cfg, hf_config)
     if target % pipe.round_to:
         raise UserError(f"the target FFN width {target} is not a multiple of pipeline.round_to {pipe.round_to}")
     t_w = int(round(pipe.prune_start * steps))
+    wsd = cfg.train.wsd_decay if cfg.train.schedule == "wsd" else None
     if pipe.name == "scratch":
         kd_start = _kd_start(cfg, None, "pipeline scratch has no enlarged model to distil from: set kd.teacher to a HF dir")
-        return Plan(target, target, ((0, steps),), None, None, kd_start)
+        segments = ((0, steps), (t_w, steps - t_w)) if pipe.oneshot_schedule == "restarted" else ((0, steps),)
+        return Plan(target, target, segments, None, None, kd_start, wsd_decay=wsd, prune_start=t_w)
     kd_start = _kd_start(cfg, t_w, "")
 
     initial = enlarged_width(target, pipe.enlarge, pipe.round_to)
@@ -160,9 +188,10 @@ def resolve_plan(cfg: RunConfig, hf_config: dict | None = None) -> Plan:
     prune = FFNPruneConfig(start_step=t_w, span_steps=span, target_width=target, round_to=pipe.round_to,
                            prune_every=pipe.prune_every, importance=pipe.importance, ema=pipe.ema, f1=pipe.f1,
                            f2=pipe.f2, uncertainty=pipe.uncertainty,
-                           state_dtype=pipe.state_dtype, seed=cfg.train.seed)
+                           state_dtype=pipe.state_dtype, seed=cfg.train.seed,
+                           fresh_optimizer=pipe.naive_fresh_optimizer)
     resolve_target_width(prune, initial)
     validate_window(prune, steps)
     if cfg.train.warmup >= t_w:
         raise UserError(f"train.warmup ({cfg.train.warmup}) must end before pruning starts (step {t_w})")
-    return Plan(initial, target, segments, "prune", prune, kd_start)
+    return Plan(initial, target, segments, "prune", prune, kd_start, wsd_decay=wsd, prune_start=t_w)

@@ -22,17 +22,37 @@ def warmup_cosine(step: int, peak: float, end: float, warmup: int, total: int) -
     return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_stable_decay(step: int, peak: float, end: float, warmup: int, total: int, decay: int) -> float:
+    """Linear warmup to `peak`, `peak` held (the stable phase), then a linear decay to `end` over the
+    last `decay` steps of `total` (WSD). Steps past `total` stay at `end`.
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    decay_start = total - decay
+    if step < decay_start:
+        return peak
+    if decay <= 0:
+        return end
+    progress = min(1.0, (step - decay_start + 1) / decay)
+    return peak + (end - peak) * progress
+
+
 def segmented_warmup_cosine(step: int, peak: float, end: float, warmup: int,
-                            segments: list[tuple[int, int]]) -> float:
+                            segments: list[tuple[int, int]], wsd_decay: float | None = None) -> float:
     """A warmup+cosine that starts over at each segment (the naive / restarted pipelines).
 
     `segments` are (start_step, length) pairs sorted by start, the first starting at 0; the segment
     that covers `step` is the last one whose start is <= step, and runs its own warmup+cosine over
     `length` steps. One segment (0, total) is the plain `warmup_cosine`: the IDEA schedule.
+    With `wsd_decay` (a fraction) every segment is a `warmup_stable_decay` whose decay is the last
+    `wsd_decay` of the segment instead.
     """
     if not segments or segments[0][0] != 0:
         raise ValueError("segments must start at step 0")
     start, length = max((s for s in segments if s[0] <= step), key=lambda s: s[0])
+    if wsd_decay is not None:
+        return warmup_stable_decay(step - start, peak, end, min(warmup, length), length,
+                                   int(round(wsd_decay * length)))
     return warmup_cosine(step - start, peak, end, min(warmup, length), length)
 
 

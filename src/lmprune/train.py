@@ -31,7 +31,7 @@ from lmprune.config import RunConfig
 from lmprune.data import PreparedData, ensure_prepared
 from lmprune.distill import Distiller
 from lmprune.errors import Interrupted, NonFiniteError, UserError
-from lmprune.evaluate import evaluate_loss
+from lmprune.evaluate import evaluate_loss, evaluate_windows
 from lmprune.loader import TokenLoader
 from lmprune.mixture import Mixture, per_source_fields, prepare_mixture, weighted_val_loss
 from lmprune.models import build_model, generate_sample, llama_config, load_hf_model
@@ -47,7 +47,7 @@ from lmprune.signals import StopRequests
 from lmprune.sources import resolve_model
 from lmprune.step import Dist, Trainer, TrainState, train_step
 
-__all__ = ["TrainResult", "Run", "finish", "fit", "print_result", "setup_run", "train", "train_step"]
+__all__ = ["TrainResult", "Run", "finish", "fit", "print_result", "setup_run", "train", "train_step", "train_until"]
 
 
 @dataclass
@@ -84,6 +84,8 @@ class Run:
     """data.sources: every source, evaluated one by one."""
     source_val_losses: dict[str, float] = field(default_factory=dict)
     """The last evaluation's val loss per mixture source (empty without data.sources)."""
+    retention: torch.Tensor | None = None
+    """The retention probe's windows (int64 [n, seq_len + 1]), all trained on before prune start only."""
 
 
 def train(cfg: RunConfig, out_dir: Path, resume: bool = False, quiet: bool = False) -> TrainResult:
@@ -92,6 +94,17 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, quiet: bool = Fal
     try:
         final_val_loss = fit(run, quiet)
         return finish(run, final_val_loss)
+    finally:
+        run.lock.release()
+
+
+def train_until(cfg: RunConfig, out_dir: Path, stop_at: int, quiet: bool = False) -> Path:
+    """Train (or resume) `cfg` up to step `stop_at` only and checkpoint it there: the trunk that runs
+    identical up to that step branch from (see lmprune.compare). Returns the checkpoint's path."""
+    run = setup_run(cfg, out_dir, resume=True)
+    try:
+        fit(run, quiet, stop_at=stop_at)
+        return out_dir / "checkpoints" / ckpt.step_dir_name(stop_at)
     finally:
         run.lock.release()
 
@@ -176,7 +189,24 @@ def _setup_locked(cfg: RunConfig, plan: Plan, out_dir: Path, resume: bool, info:
     trainer = Trainer(tcfg, plan, model, optimizer, state.loader, device, info, hook, distiller,
                       teacher_dir=out_dir / "teacher", make_optimizer=make_optimizer)
     metrics = MetricsLog(out_dir / "metrics.jsonl", info.is_main, state.step)
-    return Run(cfg, trainer, state, data, out_dir, metrics, run_config, lock, mixture)
+    return Run(cfg, trainer, state, data, out_dir, metrics, run_config, lock, mixture, retention=retention_probe(cfg, plan, state))
+
+
+def retention_probe(cfg: RunConfig, plan: Plan, state: TrainState) -> torch.Tensor | None:
+    """train.retention_windows windows of the batches before prune start; the run must not reach the end of
+    its first epoch, so they are never trained on again (UserError otherwise, before any step)."""
+    tcfg = cfg.train
+    if not tcfg.retention_windows:
+        return None
+    if not hasattr(state.loader, "seen_windows"):
+        raise UserError("train.retention_windows is not supported with data.sources (a mixture) yet; "
+                        "set it to 0 or train on one source")
+    run_batches = tcfg.steps * tcfg.grad_accum
+    if run_batches > state.loader.batches_per_epoch:
+        raise UserError(f"train.retention_windows: the run's {run_batches} batches are more than one epoch of the "
+                        f"data ({state.loader.batches_per_epoch}), so the probe's windows would be trained on "
+                        "again after prune start; use more data or fewer steps")
+    return state.loader.seen_windows(plan.prune_start * tcfg.grad_accum, tcfg.retention_windows)
 
 
 def find_resume_checkpoint(ckpt_root: Path) -> Path | None:
@@ -327,8 +357,9 @@ def make_distiller(cfg: RunConfig, plan: Plan, out_dir: Path, start_step: int, d
 
 # ----------------------------------------------------------------------------- the loop
 
-def fit(run: Run, quiet: bool = False) -> float | None:
-    """Train from `run.state.step` to train.steps; the val loss of the last step (None if none ran).
+def fit(run: Run, quiet: bool = False, stop_at: int | None = None) -> float | None:
+    """Train from `run.state.step` to train.steps (or to `stop_at`, checkpointed there); the val loss of
+    the last step (None if none ran).
 
     SIGTERM / SIGINT end it after the step in flight with a checkpoint (`Interrupted`);
     train.max_skipped_steps non-finite steps in a row end it with `NonFiniteError`.
@@ -336,21 +367,23 @@ def fit(run: Run, quiet: bool = False) -> float | None:
     (`reads_every_step` False): the device runs ahead; skips, stop requests under torchrun and the
     tok/s of the steps in between are read on the next such step (README "GPU")."""
     trainer, state, tcfg, plan = run.trainer, run.state, run.cfg.train, run.trainer.plan
-    progress = tqdm(total=tcfg.steps, initial=state.step, disable=quiet or not trainer.info.is_main,
+    end = tcfg.steps if stop_at is None else stop_at
+    progress = tqdm(total=end, initial=state.step, disable=quiet or not trainer.info.is_main,
                     desc="train", unit="step", dynamic_ncols=True)
     if state.step == 0 and 0 in plan.eval_steps:  # e.g. IMP: the dense start is the curve's first row
-        run.metrics.write({"step": 0, "tokens": 0, **val_fields(run, evaluate(run)), **hook_metrics(trainer)})
+        run.metrics.write({"step": 0, "tokens": 0, **val_fields(run, evaluate(run)), **retention_fields(run),
+                           **hook_metrics(trainer)})
     first_step, final_val_loss = state.step, None
     every_step = reads_every_step(trainer.device)
     mark_time, mark_step = time.perf_counter(), state.step  # the last step the host read (for tok/s)
     with StopRequests() as stop:
-        while state.step < tcfg.steps:
+        while state.step < end:
             t0 = time.perf_counter()
             out = train_step(trainer, state)
             done = state.step
             last_step = done == tcfg.steps
             evaluates = plan.evaluates_after(done, tcfg.eval_every, tcfg.steps)
-            saved = last_step or bool(tcfg.save_every and done % tcfg.save_every == 0)
+            saved = last_step or done == end or bool(tcfg.save_every and done % tcfg.save_every == 0)
             logs = last_step or done % tcfg.log_every == 0 or out.events.mask_updated
             progress.update(1)
             local_stop = trainer.info.world_size == 1 and stop.signum
@@ -370,7 +403,7 @@ def fit(run: Run, quiet: bool = False) -> float | None:
             if saved:
                 save_checkpoint(run)
             signum = stop.requested(trainer.info.world_size, trainer.device)
-            if signum and not last_step:
+            if signum and done != end:
                 path = save_checkpoint(run) if not saved else run.out_dir / "checkpoints" / ckpt.step_dir_name(done)
                 raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {done}; "
                                           f"checkpoint {path}; continue with --resume")
@@ -397,6 +430,7 @@ def log_step(run: Run, out, train_loss: float, seconds: float, logs: bool, evalu
                       "lr": out.lr, **hook_metrics(trainer)}
         val_loss = evaluate(run)
         row.update(val_fields(run, val_loss))
+        row.update(retention_fields(run))
         final_val_loss = val_loss if last_step else None
     if row is not None:
         run.metrics.write(row)
@@ -452,6 +486,16 @@ def val_fields(run: Run, loss: float) -> dict:
     return fields
 
 
+def retention_fields(run: Run) -> dict:
+    """retention_loss / retention_ppl of the retention probe ({} without one)."""
+    if run.retention is None:
+        return {}
+    t, trainer = run.cfg.train, run.trainer
+    loss = evaluate_windows(trainer.model, run.retention, t.batch_size, trainer.device, t.dtype,
+                            trainer.info.rank, trainer.info.world_size)
+    return {"retention_loss": round(loss, 6), "retention_ppl": round(math.exp(loss), 4)}
+
+
 def save_checkpoint(run: Run) -> Path:
     """Checkpoint the run as it is now (rank 0 writes; every rank waits); its path."""
     trainer = run.trainer
@@ -483,6 +527,7 @@ def finish(run: Run, final_val_loss: float | None = None) -> TrainResult:
     val_loss = final_val_loss if final_val_loss is not None else evaluate(run)
     if not math.isfinite(val_loss):
         raise NonFiniteError(f"the final val loss is {val_loss}; nothing exported (the newest checkpoint is kept)")
+    retention = retention_fields(run)  # on every rank: an all-reduce under torchrun
     params = count_parameters(model)
     if trainer.sharded:  # the export is the full model, gathered on rank 0 (the shards differ by design)
         model = sharding.gathered_copy(model)
@@ -509,7 +554,7 @@ def finish(run: Run, final_val_loss: float | None = None) -> TrainResult:
                    "steps": tcfg.steps, "tokens": state.tokens, "train_flops": state.flops,
                    "sparsity": zero_fraction(prunable_parameters(model, patterns)),
                    "final_bytes": sum(file_sizes(result.final_dir).values()),
-                   "rank_fingerprints": fingerprints}
+                   "rank_fingerprints": fingerprints, **retention}
         if run.mixture is not None:
             summary.update(mixture=run.mixture.label, mixture_sources=run.mixture.describe(),
                            **per_source_fields(run.source_val_losses))

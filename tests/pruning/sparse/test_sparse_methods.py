@@ -479,3 +479,23 @@ def test_mgpp_prior_never_enters_the_clip_norm_and_is_logged_apart():
     assert prior_norm > 100 * float(out_plain.grad_norm)  # s0 = 1e-10, n = 10: the prior dominates
     # and it was applied: one step moved the weights differently from the plain run
     assert not torch.equal(with_prior.model.layers[0].mlp.up_proj.weight, plain.model.layers[0].mlp.up_proj.weight)
+
+
+def test_mgpp_without_prior_is_the_same_schedule_with_no_prior_gradient():
+    """mgpp.prior false (the no-prior control): same masks, no prior gradient, prior_grad_norm 0; the
+    compare report labels it mgpp_noprior."""
+    from lmprune.compare import method_of
+    from lmprune.config import config_from_dict
+
+    batches = make_batches(1)
+    cfg = MGPPConfig(n_train=10, warmup_steps=0, s_i=0.5, s_f=0.6, cubic_steps=4, dt=2, prior=False)
+    control, masked = tiny_llama(), tiny_llama()
+    pruner, reference = MGPPPruner(cfg), MGPPPruner(cfg.model_copy(update={"prior": True}))
+    pruner.apply(control)
+    reference.apply(masked)
+    train_step(*step_runner(control, pruner, batches, grad_clip=1.0))
+    train_step(*step_runner(masked, reference, batches, grad_clip=1.0))
+    assert pruner.metrics()["prior_grad_norm"] == 0.0 < reference.metrics()["prior_grad_norm"]
+    assert pruner.metrics()["sparsity"] == reference.metrics()["sparsity"] > 0
+    run = config_from_dict({"mgpp": {"s_i": 0.3, "s_f": 0.5, "warmup_steps": 1, "cubic_steps": 4, "prior": False}})
+    assert method_of(run)[0] == "mgpp_noprior"

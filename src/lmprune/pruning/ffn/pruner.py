@@ -116,6 +116,9 @@ class FFNPruneConfig(BaseModel):
     """Global ranking: each layer keeps at least this fraction of its width (and at least 1 neuron)."""
     compact: bool = True
     """After the final mask update, slice model and optimizer to the kept neurons (uniform widths only)."""
+    fresh_optimizer: bool = False
+    """After compaction the optimizer starts afresh (empty AdamW moments) instead of carrying the kept
+    neurons' moments: the naive baseline's prune-then-retrain."""
     track_from: int | None = None
     """First step whose gradients feed the sensitivity EMA; default max(0, start_step - 2*prune_every)."""
     seed: int = 0
@@ -426,6 +429,8 @@ class FFNPruner:
         if not self.finished or self.compacted:
             raise RuntimeError("FFNPruner.compact: only once, after the final mask update")
         optimizer = compact_ffn(model, self.keep_mask, optimizer, self.make_optimizer)
+        if self.cfg.fresh_optimizer:
+            optimizer = self.make_optimizer(model)  # same hyper-parameters, no moments
         self.compacted = True
         self._param_count = count_parameters(model)
         self._refresh_indices()

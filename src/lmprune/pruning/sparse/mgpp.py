@@ -74,6 +74,8 @@ class MGPPConfig(BaseModel):
     """Length of the cubic phase in steps; the mask freezes at step warmup_steps + cubic_steps."""
     dt: int = 10
     """Mask recompute interval in steps during the cubic phase."""
+    prior: bool = True
+    """Add the prior gradient; false = the same mask schedule with no prior at all (the no-prior control)."""
     eta_warmin_steps: int = 0
     """Linear warm-in 0 -> 1 of the prior-gradient multiplier eta(t) from the end of warmup; 0 = off (eta = 1)."""
     scope: Scope = "global"
@@ -197,7 +199,7 @@ class MGPPPruner:
         s0 = 1e-10 its norm can be 10^4 x the loss gradient's, and inside the clip norm it would scale
         the loss gradient down to almost nothing."""
         self._prior_norm_sq = None
-        if self._frozen or step < self.cfg.warmup_steps:
+        if not self.cfg.prior or self._frozen or step < self.cfg.warmup_steps:
             return
         eta, lam = mgpp_eta_at(step, self.cfg), mgpp_lam_at(step, self.cfg)
         if eta == 0.0:
