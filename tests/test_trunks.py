@@ -60,8 +60,17 @@ def test_compare_with_seeds_reports_mean_std_and_shared_trunks(tmp_path, prepare
                                "idea": {"pipeline.name": "idea"}, "oneshot": {"pipeline.name": "oneshot"}},
                       "seeds": [0, 1], "scratch_equal_compute": True, "infer_batch_size": 2, "infer_seq_len": 32}
     out = tmp_path / "cmp"
-    assert main(["compare", str(write_config(tmp_path / "c.yaml", raw)), "--out", str(out), "--quiet"]) == 0
+    # one process per seed can share the out dir: --seed 1 trains seed 1 only and reports seed 0 unfinished
+    config = str(write_config(tmp_path / "c.yaml", raw))
+    assert main(["compare", config, "--out", str(out), "--quiet", "--seed", "1"]) == 0
+    partial = json.loads((out / "summary.json").read_text())
+    assert "idea (seed 0)" in partial["unfinished"] and not (out / "idea" / "seed-0").exists()
+    assert partial["pipelines"]["idea"]["seeds"] == [1]
+    assert main(["compare", config, "--out", str(out), "--quiet", "--seed", "7"]) == 2
+    assert "--seed 7 is not one of compare.seeds" in capsys.readouterr().err
+    assert main(["compare", config, "--out", str(out), "--quiet"]) == 0  # seed 0 trains, seed 1 is done
     summary = json.loads((out / "summary.json").read_text())
+    assert "unfinished" not in summary
     idea = summary["pipelines"]["idea"]
     assert set(idea["val_ppl_seeds"]) == {"0", "1"} and idea["val_ppl_std"] > 0
     assert idea["val_ppl_mean"] == pytest.approx(sum(idea["val_ppl_seeds"].values()) / 2)

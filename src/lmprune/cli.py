@@ -104,7 +104,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.quiet:
         quiet_hf_progress()
     summary = run_compare(args.config, Path(args.out), overrides=args.set, quiet=args.quiet,
-                          report_only=args.report_only)
+                          report_only=args.report_only, only_seeds=args.only_seeds)
     print(f"{'run':24s} {'val ppl':>9s} {'params':>11s} {'ffn':>5s} {'tokens':>11s} {'FLOPs':>10s} {'infer tok/s':>11s}")
     for name, r in summary["pipelines"].items():
         print(f"{name:24s} {r['val_ppl']:9.3f} {r['params']:11,d} {r['ffn_width']:5d} {r['train_tokens']:11,d} "
@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write summary.json and report.md from the runs that have finished")
+    p.add_argument("--seed", type=int, action="append", dest="only_seeds", metavar="S",
+                   help="train only seed S of compare.seeds (repeatable): one process per seed (a core or GPU "
+                        "each) into the same --out; the others' finished runs are reported; then --report-only")
     p.set_defaults(func=cmd_compare)
 
     p = verbs.add_parser("eval", help="val perplexity and tokens/s of a HF causal-LM dir")

@@ -87,12 +87,18 @@ def equal_compute_config(reference: RunConfig, reference_flops: float, vocab_siz
 
 
 def run_compare(config_path: str | Path, out_dir: Path, overrides: list[str] | None = None,
-                quiet: bool = False, report_only: bool = False) -> dict[str, Any]:
+                quiet: bool = False, report_only: bool = False, only_seeds: list[int] | None = None) -> dict[str, Any]:
     """Train every run (per seed of compare.seeds), then write summary.json, the plots and report.md.
 
-    With `report_only` nothing trains: the summary and report cover the runs that have finished."""
+    With `report_only` nothing trains: the summary and report cover the runs that have finished. With
+    `only_seeds` only those seeds train (so that one process per seed can share an out dir); the
+    other seeds' runs are reported as far as they have finished."""
     raw = read_raw_config(config_path, overrides)
     compare, runs = run_configs(raw, str(config_path), out_dir)
+    if only_seeds:
+        unknown = sorted(set(only_seeds) - set(compare.seeds or []))
+        if unknown:
+            raise UserError(f"--seed {unknown[0]} is not one of compare.seeds ({compare.seeds})")
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = out_dir / "compare_config.json"
     if saved.is_file() and json.loads(saved.read_text()) != raw:
@@ -105,7 +111,8 @@ def run_compare(config_path: str | Path, out_dir: Path, overrides: list[str] | N
     per_seed: dict[str, dict[int, dict[str, Any]]] = {}
     shared: dict[str, list[str]] = {}
     for seed in compare.seeds or [None]:
-        rows, groups = run_seed(compare, runs, out_dir, seed, quiet, report_only)
+        reported_only = report_only or bool(only_seeds and seed not in only_seeds)
+        rows, groups = run_seed(compare, runs, out_dir, seed, quiet, reported_only)
         for name, row in rows.items():
             per_seed.setdefault(name, {})[row["seed"]] = row
         shared.update({f"trunks/{first}": members for first, (_, members) in groups.items()})
@@ -115,7 +122,7 @@ def run_compare(config_path: str | Path, out_dir: Path, overrides: list[str] | N
         result["infer_tok_per_s"] = round(forward_throughput(model, model.config.vocab_size, compare.infer_batch_size,
                                                              compare.infer_seq_len, torch.device("cpu")), 1)
     summary = {"pipelines": results, "seeds": compare.seeds, "shared_trunks": shared}
-    if report_only:
+    if report_only or only_seeds:
         expected = [*runs, *([EQUAL_COMPUTE_RUN] if compare.scratch_equal_compute else [])]
         if compare.seeds:
             summary["unfinished"] = [f"{name} (seed {seed})" for seed in compare.seeds for name in expected
