@@ -129,3 +129,16 @@ def test_ddp_two_processes_on_gloo(tmp_path, prepared_dir):
     assert run_cli("train", str(single_cfg), "--out", str(tmp_path / "single"), "--quiet").returncode == 0
     single = json.loads((tmp_path / "single" / "summary.json").read_text())
     assert single["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-3)
+
+
+def test_quiet_train_prepares_its_corpus_without_progress_bars(tmp_path, monkeypatch, capsys):
+    from conftest import tiny_run_config, write_config, write_corpus
+
+    monkeypatch.setenv("LMPRUNE_CACHE", str(tmp_path / "cache"))
+    write_corpus(tmp_path / "texts", n_docs=6, lines_per_doc=20)
+    raw = tiny_run_config(tmp_path, steps=2, eval_every=0, sample_tokens=0)
+    raw["data"] = {"source": str(tmp_path / "texts"), "vocab_size": 300}
+    assert main(["train", str(write_config(tmp_path / "q.yaml", raw)), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "prepare" not in err and "it/s" not in err and "B/s" not in err, err[-500:]
+    assert any((tmp_path / "cache" / "prepared").iterdir())  # it did prepare the corpus

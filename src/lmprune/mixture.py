@@ -88,7 +88,7 @@ def check_mixture_sources(data_cfg: DataConfig) -> None:
                                 f"({', '.join(BUILTIN_SOURCES)}) nor an existing file, directory or glob")
 
 
-def prepare_mixture(data_cfg: DataConfig, tokenizer: str | None) -> Mixture:
+def prepare_mixture(data_cfg: DataConfig, tokenizer: str | None, progress: bool = True) -> Mixture:
     """Prepare (or reuse from the cache) every source with one tokenizer: `tokenizer`, else the BPE
     trained on the first source (the others are then tokenized with it)."""
     check_mixture_sources(data_cfg)
@@ -99,7 +99,7 @@ def prepare_mixture(data_cfg: DataConfig, tokenizer: str | None) -> Mixture:
             data = PreparedData.open(part.prepared_dir)
         else:
             path = ensure_prepared(part.source, vocab_size=None if shared else data_cfg.vocab_size, tokenizer=shared,
-                                   val_fraction=data_cfg.val_fraction, seed=data_cfg.seed)
+                                   val_fraction=data_cfg.val_fraction, seed=data_cfg.seed, progress=progress)
             data = PreparedData.open(path)
         shared = shared or str(data.tokenizer_dir)
         parts.append(MixturePart(part.label(), float(part.weight or 0.0), data))

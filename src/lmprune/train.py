@@ -90,7 +90,7 @@ class Run:
 
 def train(cfg: RunConfig, out_dir: Path, resume: bool = False, quiet: bool = False) -> TrainResult:
     """Run (or resume) training as configured; returns the final evaluation."""
-    run = setup_run(cfg, out_dir, resume)
+    run = setup_run(cfg, out_dir, resume, quiet=quiet)
     try:
         final_val_loss = fit(run, quiet)
         return finish(run, final_val_loss)
@@ -101,7 +101,7 @@ def train(cfg: RunConfig, out_dir: Path, resume: bool = False, quiet: bool = Fal
 def train_until(cfg: RunConfig, out_dir: Path, stop_at: int, quiet: bool = False) -> Path:
     """Train (or resume) `cfg` up to step `stop_at` only and checkpoint it there: the trunk that runs
     identical up to that step branch from (see lmprune.compare). Returns the checkpoint's path."""
-    run = setup_run(cfg, out_dir, resume=True)
+    run = setup_run(cfg, out_dir, resume=True, quiet=quiet)
     try:
         fit(run, quiet, stop_at=stop_at)
         return out_dir / "checkpoints" / ckpt.step_dir_name(stop_at)
@@ -132,7 +132,7 @@ def init_distributed(device_pref: str, parallel: str = "ddp") -> tuple[Dist, tor
     return info, torch.device("cpu")
 
 
-def setup_run(cfg: RunConfig, out_dir: Path, resume: bool = False) -> Run:
+def setup_run(cfg: RunConfig, out_dir: Path, resume: bool = False, quiet: bool = False) -> Run:
     """Everything that can fail on user input, before the first step: config, out dir, checkpoint,
     data, model, method, optimizer, teacher. Rank 0 holds OUT's lock from here on; if setup fails,
     --out is left as it was found (no run_config.json, no lock file, no dir it created)."""
@@ -142,7 +142,7 @@ def setup_run(cfg: RunConfig, out_dir: Path, resume: bool = False) -> Run:
     if info.is_main:
         lock.acquire()
     try:
-        run = _setup_locked(cfg, plan, out_dir, resume, info, device, lock)
+        run = _setup_locked(cfg, plan, out_dir, resume, info, device, lock, quiet)
     except BaseException:
         lock.release(cleanup=True)
         raise
@@ -153,7 +153,7 @@ def setup_run(cfg: RunConfig, out_dir: Path, resume: bool = False) -> Run:
 
 
 def _setup_locked(cfg: RunConfig, plan: Plan, out_dir: Path, resume: bool, info: Dist, device: torch.device,
-                  lock: RunLock) -> Run:
+                  lock: RunLock, quiet: bool = False) -> Run:
     tcfg, run_config = cfg.train, cfg.model_dump(mode="json")
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
@@ -162,8 +162,8 @@ def _setup_locked(cfg: RunConfig, plan: Plan, out_dir: Path, resume: bool, info:
         clean_leftovers(out_dir)
     resume_from = find_resume_checkpoint(out_dir / "checkpoints") if resume else None
     tcfg = resumed_batch(tcfg, resume_from, info.world_size)
-    mixture = prepare_mixture_data(cfg, info) if cfg.data.sources else None
-    data = mixture.parts[0].data if mixture else prepare_data(cfg, info)
+    mixture = prepare_mixture_data(cfg, info, quiet) if cfg.data.sources else None
+    data = mixture.parts[0].data if mixture else prepare_data(cfg, info, quiet)
     for part_data in [p.data for p in mixture.parts] if mixture else [data]:
         check_data(part_data, tcfg)
     model = make_model(cfg, plan, data, resume_from).to(device)
@@ -264,14 +264,14 @@ def restore_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.opti
     state.load_state_dict(trainer_state)
 
 
-def prepare_data(cfg: RunConfig, info: Dist) -> PreparedData:
+def prepare_data(cfg: RunConfig, info: Dist, quiet: bool = False) -> PreparedData:
     """Prepare (or reuse from the cache) the corpus named in the config; rank 0 does the work."""
     data_cfg = cfg.data
     if data_cfg.prepared_dir:
         return PreparedData.open(data_cfg.prepared_dir)
     tokenizer = run_tokenizer(cfg)
     kwargs = dict(source=data_cfg.source, vocab_size=None if tokenizer else data_cfg.vocab_size,
-                  tokenizer=tokenizer, val_fraction=data_cfg.val_fraction, seed=data_cfg.seed)
+                  tokenizer=tokenizer, val_fraction=data_cfg.val_fraction, seed=data_cfg.seed, progress=not quiet)
     if info.is_main:
         path = ensure_prepared(**kwargs)
     info.barrier()
@@ -285,13 +285,13 @@ def run_tokenizer(cfg: RunConfig) -> str | None:
     return cfg.data.tokenizer or (str(resolve_model(cfg.model.path)) if cfg.model.path else None)
 
 
-def prepare_mixture_data(cfg: RunConfig, info: Dist) -> Mixture:
+def prepare_mixture_data(cfg: RunConfig, info: Dist, quiet: bool = False) -> Mixture:
     """data.sources: every source prepared (or reused) with one tokenizer; rank 0 does the work."""
     if info.is_main:
-        mixture = prepare_mixture(cfg.data, run_tokenizer(cfg))
+        mixture = prepare_mixture(cfg.data, run_tokenizer(cfg), progress=not quiet)
     info.barrier()
     if not info.is_main:
-        mixture = prepare_mixture(cfg.data, run_tokenizer(cfg))
+        mixture = prepare_mixture(cfg.data, run_tokenizer(cfg), progress=not quiet)
     return mixture
 
 
