@@ -93,6 +93,32 @@ def test_compare_with_seeds_reports_mean_std_and_shared_trunks(tmp_path, prepare
     assert "Not finished (left out): oneshot (seed 1)" in (out / "report.md").read_text()
 
 
+def test_one_process_per_seed_reports_the_runs_another_process_finished_meanwhile(tmp_path, prepared_dir,
+                                                                                   monkeypatch):
+    """--seed 1 reads seed 0's runs after training its own, not before: a seed-0 process that finishes
+    while seed 1 trains is in seed 1's summary (it was left out as unfinished when read first)."""
+    import lmprune.compare as compare_module
+
+    raw = pipeline_config(prepared_dir, "scratch")
+    raw["train"].update(steps=8, eval_every=8, log_every=4)
+    raw["compare"] = {"runs": {"scratch": {"pipeline.name": "scratch"}}, "seeds": [0, 1],
+                      "scratch_equal_compute": False, "infer_batch_size": 2, "infer_seq_len": 32}
+    out, config = tmp_path / "cmp", str(write_config(tmp_path / "c.yaml", raw))
+    real_run_one = compare_module.run_one
+
+    def run_one_and_the_other_seed(name, cfg, run_dir, quiet, seed=None):
+        if seed == 1:  # "the other process" finishes seed 0 while seed 1 trains
+            other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 0})})
+            real_run_one(name, other, out / name / "seed-0", quiet, 0)
+        return real_run_one(name, cfg, run_dir, quiet, seed)
+
+    monkeypatch.setattr(compare_module, "run_one", run_one_and_the_other_seed)
+    assert main(["compare", config, "--out", str(out), "--quiet", "--seed", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["unfinished"] == []
+    assert set(summary["pipelines"]["scratch"]["val_ppl_seeds"]) == {"0", "1"}
+
+
 def test_within_noise_needs_a_difference_of_two_std():
     from lmprune.report import compare_pair
 

@@ -108,11 +108,17 @@ def run_compare(config_path: str | Path, out_dir: Path, overrides: list[str] | N
         warnings.warn(f"removed {len(removed)} temp file(s) left by a killed compare in {out_dir}", stacklevel=2)
     write_json(saved, raw)
 
+    seeds = compare.seeds or [None]
+    if not report_only:
+        for seed in seeds:
+            if not only_seeds or seed in only_seeds:
+                run_seed(compare, runs, out_dir, seed, quiet, report_only=False)
+    # read every seed's rows after training: another process (--seed S into the same --out) may have
+    # finished its runs while this one trained
     per_seed: dict[str, dict[int, dict[str, Any]]] = {}
     shared: dict[str, list[str]] = {}
-    for seed in compare.seeds or [None]:
-        reported_only = report_only or bool(only_seeds and seed not in only_seeds)
-        rows, groups = run_seed(compare, runs, out_dir, seed, quiet, reported_only)
+    for seed in seeds:
+        rows, groups = run_seed(compare, runs, out_dir, seed, quiet, report_only=True)
         for name, row in rows.items():
             per_seed.setdefault(name, {})[row["seed"]] = row
         shared.update({f"trunks/{first}": members for first, (_, members) in groups.items()})
