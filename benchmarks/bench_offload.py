@@ -103,7 +103,7 @@ def main() -> None:
                         help="memory,offload or one of them: 'offload' alone skips the slow in-memory leg of a large model")
     args = parser.parse_args()
     modes = [mode.strip() for mode in args.modes.split(",")]
-    if not modes or any(mode not in ("memory", "offload") for mode in modes):
+    if any(mode not in ("memory", "offload") for mode in modes):
         parser.exit(2, f"--modes must be memory, offload or both; got {args.modes!r}\n")
     args.work.mkdir(parents=True, exist_ok=True)
     _, baseline = watch([sys.executable, "-c", "import time, lmprune.prune_app; time.sleep(1)"])
